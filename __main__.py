@@ -1,0 +1,30 @@
+"""Command line: ``python -m multisubject <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multisubject", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run-workflow",
+        help="start ComfyUI headless with this pack, run a shipped API workflow and save its images",
+    )
+    run.add_argument("name", nargs="?", default="layout_preview", help="workflow in workflows/api (default: %(default)s)")
+    run.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    if args.command == "run-workflow":
+        from .headless import run_workflow_to_files
+
+        for path in run_workflow_to_files(args.name, args.out):
+            print(path.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

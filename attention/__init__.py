@@ -1,0 +1,22 @@
+"""Pure-torch core of multisubject: no ComfyUI imports, relative imports only.
+
+Shape legend (used in every ``Shapes:`` block of this package):
+    B   batch                      S   subjects
+    R   reference images of one subject
+    H, W  pixel height / width     h, w  token-grid height / width
+    L   image tokens (= h * w)     C   channels
+    D   head dim                   T_txt text tokens
+"""
+
+from .layout import Layout, Region, TokenGrid, composite_by_priority, region_token_masks
+from .subjects import Subject, Subjects
+
+__all__ = [
+    "Layout",
+    "Region",
+    "Subject",
+    "Subjects",
+    "TokenGrid",
+    "composite_by_priority",
+    "region_token_masks",
+]

@@ -1,0 +1,478 @@
+"""Layouts: where each subject goes, and how that maps onto a model's token grids.
+
+A ``Layout`` is a canvas size plus one ``Region`` per subject, in subject order. A region is a box
+(normalised ``x0, y0, x1, y1``) or a mask at canvas size. Models see the layout as boolean token
+masks on their own token grid (``TokenGrid``): SDXL has one grid per attention resolution (latent
+/1, /2, /4, rounded up like its stride-2 convolutions), Flux one grid of 2x2 latent patches.
+
+Rounding rules (documented for users in the README):
+  * boxes are rounded outward on every grid (floor the start, ceil the end), so every box owns at
+    least one token, however coarse the grid;
+  * masks are downsampled by exact area: a token belongs to the region when the region covers at
+    least ``MASK_AREA_THRESHOLD`` of the token's area inside the canvas. A mask smaller than that
+    everywhere keeps the one token it covers most, so it never vanishes;
+  * overlaps are resolved by ``composite_by_priority``: the highest priority owns a token, equal
+    priorities go to the later subject (layers drawn in subject order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("multisubject")
+
+MASK_AREA_THRESHOLD = 0.5  # fraction of a token's in-canvas area a mask must cover to claim it
+Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where one subject goes: a normalised box or a canvas-sized mask (exactly one of them).
+
+    Shapes:
+        mask: (H, W) float in [0, 1] at the layout's canvas size
+    """
+
+    box: Box | None = None
+    mask: Tensor | None = None
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("a region is either a box or a mask; give exactly one")
+        if self.box is not None:
+            _check_box(self.box, where=f"region '{self.label}'" if self.label else "region")
+        else:
+            mask = self.mask
+            if not isinstance(mask, Tensor) or mask.ndim != 2:
+                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"a region mask must be (H, W), got {got}")
+            if not torch.isfinite(mask).all():
+                raise ValueError("region mask contains NaN or inf values")
+            if float(mask.max()) <= 0.0:
+                name = f" '{self.label}'" if self.label else ""
+                raise ValueError(
+                    f"region mask{name} is all zero, so its subject would have nowhere to go; paint the "
+                    "subject's area in the mask or remove the subject"
+                )
+
+    @property
+    def is_box(self) -> bool:
+        return self.box is not None
+
+    def bounding_box(self) -> Box:
+        """The region's normalised bounding box (the box itself for box regions)."""
+        if self.box is not None:
+            return self.box
+        assert self.mask is not None
+        height, width = self.mask.shape
+        ys, xs = torch.nonzero(self.mask > 0, as_tuple=True)
+        return (
+            float(xs.min()) / width,
+            float(ys.min()) / height,
+            float(xs.max() + 1) / width,
+            float(ys.max() + 1) / height,
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Canvas size in pixels plus one region per subject, in subject order (the ``LAYOUT`` socket)."""
+
+    width: int
+    height: int
+    regions: tuple[Region, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.width, int) and isinstance(self.height, int) and self.width > 0 and self.height > 0):
+            raise ValueError(f"layout canvas must be positive integer pixels, got {self.width}x{self.height}")
+        for i, region in enumerate(self.regions):
+            if region.mask is not None and tuple(region.mask.shape) != (self.height, self.width):
+                raise ValueError(
+                    f"region {i} mask is {region.mask.shape[1]}x{region.mask.shape[0]} but the layout canvas is "
+                    f"{self.width}x{self.height}; masks must be exactly canvas size (they are never resized)"
+                )
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.regions]
+
+    def with_labels(self, labels: list[str]) -> Layout:
+        """Fill empty region labels from ``labels`` (e.g. the subjects' labels)."""
+        regions = tuple(
+            Region(box=r.box, mask=r.mask, label=r.label or label) for r, label in zip(self.regions, labels)
+        )
+        return Layout(self.width, self.height, regions)
+
+    def extend(self, other: Layout) -> Layout:
+        """This layout's regions followed by ``other``'s (same canvas required)."""
+        if (other.width, other.height) != (self.width, self.height):
+            raise ValueError(
+                f"cannot chain layouts of different canvas sizes: {self.width}x{self.height} and "
+                f"{other.width}x{other.height}; make all masks the same size"
+            )
+        return Layout(self.width, self.height, self.regions + other.regions)
+
+    def check_subject_count(self, num_subjects: int) -> None:
+        if len(self.regions) != num_subjects:
+            raise ValueError(
+                f"layout has {len(self.regions)} region(s) but {num_subjects} subject(s) are connected; give "
+                "exactly one box or mask per subject, in subject order"
+            )
+
+    def check_aspect(self, height: int, width: int, what: str = "latent") -> None:
+        """Raise unless the canvas has the aspect ratio of a ``height x width`` target.
+
+        One target unit of rounding is tolerated (latents are image sizes divided by 8 or 16).
+        """
+        expected_height = self.height * width / self.width
+        if abs(expected_height - height) > 1.0 and abs(self.width * height / self.height - width) > 1.0:
+            raise ValueError(
+                f"layout canvas {self.width}x{self.height} (aspect {self.width / self.height:.3f}) does not match the "
+                f"{what} {width}x{height} (aspect {width / height:.3f}); set the layout's canvas to the image size "
+                "you generate (or the same aspect ratio)"
+            )
+
+    def rasterize(self) -> Tensor:
+        """Per-region masks at canvas size, boxes drawn with pixel-exact coverage.
+
+        Shapes:
+            returns (S, H, W) float in [0, 1]
+        """
+        masks = torch.zeros(len(self.regions), self.height, self.width)
+        for i, region in enumerate(self.regions):
+            if region.mask is not None:
+                masks[i] = region.mask.float()
+            else:
+                x0, y0, x1, y1 = region.box  # type: ignore[misc]
+                ys = _coverage_1d(y0 * self.height, y1 * self.height, self.height)
+                xs = _coverage_1d(x0 * self.width, x1 * self.width, self.width)
+                masks[i] = ys[:, None] * xs[None, :]
+        return masks
+
+    @classmethod
+    def from_boxes(cls, width: int, height: int, boxes: list[Box], labels: list[str] | None = None) -> Layout:
+        labels = labels or [""] * len(boxes)
+        return cls(width, height, tuple(Region(box=b, label=lab) for b, lab in zip(boxes, labels)))
+
+    @classmethod
+    def from_masks(cls, masks: Tensor, labels: list[str] | None = None) -> Layout:
+        """Shapes: masks (S, H, W) float in [0, 1]."""
+        if masks.ndim == 2:
+            masks = masks.unsqueeze(0)
+        if masks.ndim != 3:
+            raise ValueError(f"expected a mask batch (S, H, W), got shape {tuple(masks.shape)}")
+        labels = labels or [""] * masks.shape[0]
+        regions = []
+        for i, (mask, label) in enumerate(zip(masks, labels)):
+            if float(mask.max()) <= 0.0:
+                raise ValueError(
+                    f"mask {i} of {masks.shape[0]} is all zero, so its subject would have nowhere to go; paint the "
+                    "subject's area or remove that mask"
+                )
+            regions.append(Region(mask=mask.float().clamp(0.0, 1.0), label=label))
+        return cls(int(masks.shape[2]), int(masks.shape[1]), tuple(regions))
+
+
+# parsing boxes typed by users
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
+
+
+def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height: int = 1) -> list[tuple[Box, str]]:
+    """Parse boxes typed in a text widget into normalised boxes with optional labels.
+
+    Accepted forms, one box per line (blank lines and lines starting with ``#`` are skipped)::
+
+        0.05, 0.20, 0.50, 0.95
+        corgi: 0.50, 0.10, 0.95, 0.90
+
+    or a JSON list: ``[[x0, y0, x1, y1], ...]`` or ``[{"box": [x0, y0, x1, y1], "label": "corgi"}, ...]``.
+    ``units="pixels"`` reads the numbers as pixels of a ``width x height`` canvas.
+    """
+    if units not in ("normalized", "pixels"):
+        raise ValueError(f"units must be 'normalized' or 'pixels', got {units!r}")
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(
+            "no boxes given: the text is empty. Write one box per line as 'x0, y0, x1, y1' (optionally "
+            "'label: x0, y0, x1, y1'), or a JSON list of boxes"
+        )
+    raw = _parse_json_boxes(stripped) if stripped[0] in "[{" else _parse_line_boxes(stripped)
+    if not raw:
+        raise ValueError("no boxes given: every line is blank or a comment")
+    scale = (width, height, width, height) if units == "pixels" else (1, 1, 1, 1)
+    result = []
+    for where, numbers, label in raw:
+        if units == "pixels":
+            _check_pixel_box(numbers, width, height, where)
+        box = tuple(n / s for n, s in zip(numbers, scale))
+        _check_box(box, where=where)  # type: ignore[arg-type]
+        result.append((box, label))
+    return result  # type: ignore[return-value]
+
+
+def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str]]:
+    raw = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, _, numbers_text = line.rpartition(":")
+        where = f"line {lineno} ('{line}')"
+        tokens = [t for t in re.split(r"[,\s]+", numbers_text.strip()) if t]
+        bad = [t for t in tokens if not re.fullmatch(_NUMBER, t, flags=re.IGNORECASE)]
+        if bad:
+            raise ValueError(
+                f"{where}: '{bad[0]}' is not a number. Write 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1'"
+            )
+        if len(tokens) != 4:
+            raise ValueError(
+                f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(tokens)}. Write one box per line"
+            )
+        raw.append((where, [float(t) for t in tokens], label.strip()))
+    return raw
+
+
+def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"boxes look like JSON but do not parse: {e.msg} at line {e.lineno} column {e.colno}. Expected "
+            'a list like [[0.1, 0.2, 0.5, 0.9], ...] or [{"box": [...], "label": "corgi"}, ...]'
+        ) from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise ValueError(f"JSON boxes must be a list of boxes, got {type(data).__name__}")
+    raw = []
+    for i, item in enumerate(data):
+        where = f"JSON box {i}"
+        label = ""
+        if isinstance(item, dict):
+            if "box" not in item:
+                raise ValueError(f"{where}: an object needs a 'box' key, got keys {sorted(item)}")
+            label = str(item.get("label", ""))
+            item = item["box"]
+        if not isinstance(item, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in item):
+            raise ValueError(f"{where}: expected a list of 4 numbers [x0, y0, x1, y1], got {item!r}")
+        if len(item) != 4:
+            raise ValueError(f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(item)}")
+        raw.append((where, [float(n) for n in item], label))
+    return raw
+
+
+def _check_pixel_box(numbers: list[float], width: int, height: int, where: str) -> None:
+    if not all(math.isfinite(n) for n in numbers):
+        raise ValueError(f"{where}: box has NaN or inf: {numbers}")
+    x0, y0, x1, y1 = numbers
+    if min(x0, x1) < 0 or min(y0, y1) < 0 or max(x0, x1) > width or max(y0, y1) > height:
+        raise ValueError(
+            f"{where}: pixel box {numbers} lies outside the {width}x{height} canvas; pixel boxes must be "
+            f"within 0..{width} horizontally and 0..{height} vertically"
+        )
+
+
+def _check_box(box: Box, where: str) -> None:
+    if len(box) != 4:
+        raise ValueError(f"{where}: a box has 4 numbers x0, y0, x1, y1, got {len(box)}")
+    if not all(isinstance(n, (int, float)) and math.isfinite(n) for n in box):
+        raise ValueError(f"{where}: box has NaN or inf: {list(box)}")
+    x0, y0, x1, y1 = box
+    if min(box) < 0.0 or max(box) > 1.0:
+        raise ValueError(
+            f"{where}: normalised box {list(box)} lies outside [0, 1]; use fractions of the canvas, or set "
+            "units to pixels"
+        )
+    if x1 <= x0 or y1 <= y0:
+        what = "zero area" if (x1 == x0 or y1 == y0) else "inverted corners"
+        raise ValueError(
+            f"{where}: box {list(box)} has {what}; need x1 > x0 and y1 > y0 (top-left corner first, then "
+            "bottom-right)"
+        )
+
+
+def _coverage_1d(start: float, end: float, size: int) -> Tensor:
+    """Fraction of each unit cell 0..size-1 covered by the interval [start, end). Shapes: returns (size,)."""
+    cells = torch.arange(size, dtype=torch.float64)
+    return ((torch.clamp(cells + 1, max=end) - torch.clamp(cells, min=start)).clamp(min=0.0)).float()
+
+
+# token grids
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """A model's token grid over the canvas.
+
+    ``cell_h``/``cell_w`` are the normalised height/width of one token. When the latent is not a
+    multiple of the downscale factor the last row/column of tokens reaches past the canvas, exactly
+    as in the model (stride-2 convolutions and Flux's patchify round up).
+    """
+
+    h: int
+    w: int
+    cell_h: float
+    cell_w: float
+
+    def __post_init__(self) -> None:
+        if self.h <= 0 or self.w <= 0:
+            raise ValueError(f"token grid must be non-empty, got {self.h}x{self.w}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.h * self.w
+
+    @classmethod
+    def from_latent(cls, latent_h: int, latent_w: int, downscale: int = 1) -> TokenGrid:
+        """Grid of a ``latent_h x latent_w`` latent seen through ``downscale`` (SDXL: 1, 2, 4; Flux: 2)."""
+        if latent_h <= 0 or latent_w <= 0 or downscale <= 0:
+            raise ValueError(f"latent size and downscale must be positive, got {latent_h}x{latent_w} /{downscale}")
+        return cls(
+            h=-(-latent_h // downscale),
+            w=-(-latent_w // downscale),
+            cell_h=downscale / latent_h,
+            cell_w=downscale / latent_w,
+        )
+
+    @classmethod
+    def infer(cls, latent_h: int, latent_w: int, num_tokens: int, base: int = 1) -> TokenGrid:
+        """Find the grid with ``num_tokens`` tokens among downscales ``base * 2**k``.
+
+        This is how an attention call learns its resolution from the latent shape and its sequence
+        length (never from ``sqrt``, which is wrong for non-square images).
+        """
+        downscale = base
+        tried = []
+        while downscale <= max(latent_h, latent_w) * 2:
+            grid = cls.from_latent(latent_h, latent_w, downscale)
+            if grid.num_tokens == num_tokens:
+                return grid
+            tried.append(f"/{downscale}: {grid.h}x{grid.w}={grid.num_tokens}")
+            downscale *= 2
+        raise ValueError(
+            f"no token grid of a {latent_h}x{latent_w} latent has {num_tokens} tokens (tried {', '.join(tried)}); "
+            "the attention call does not belong to this latent"
+        )
+
+
+def region_token_masks(layout: Layout, grid: TokenGrid, threshold: float = MASK_AREA_THRESHOLD) -> Tensor:
+    """Which tokens of ``grid`` each region covers.
+
+    Shapes:
+        returns (S, h, w) bool; every row has at least one True
+    """
+    out = torch.zeros(len(layout.regions), grid.h, grid.w, dtype=torch.bool)
+    for i, region in enumerate(layout.regions):
+        if region.box is not None:
+            out[i] = _box_tokens(region.box, grid, label=region.label or f"region {i}")
+        else:
+            assert region.mask is not None
+            coverage = mask_token_coverage(region.mask, grid)
+            tokens = coverage >= threshold
+            if not tokens.any():
+                flat = int(torch.argmax(coverage))
+                tokens.view(-1)[flat] = True
+                log.warning(
+                    "multisubject: mask of %s covers less than %.0f%% of any %dx%d token; kept its best-covered token",
+                    region.label or f"region {i}", threshold * 100, grid.h, grid.w,
+                )
+            out[i] = tokens
+    return out
+
+
+def _box_tokens(box: Box, grid: TokenGrid, label: str) -> Tensor:
+    x0, y0, x1, y1 = box
+    r0 = min(int(math.floor(y0 / grid.cell_h + 1e-9)), grid.h - 1)
+    c0 = min(int(math.floor(x0 / grid.cell_w + 1e-9)), grid.w - 1)
+    r1 = max(min(int(math.ceil(y1 / grid.cell_h - 1e-9)), grid.h), r0 + 1)
+    c1 = max(min(int(math.ceil(x1 / grid.cell_w - 1e-9)), grid.w), c0 + 1)
+    if (y1 - y0) < grid.cell_h or (x1 - x0) < grid.cell_w:
+        log.warning(
+            "multisubject: box of %s is smaller than one token of the %dx%d grid; kept at %dx%d token(s)",
+            label, grid.h, grid.w, r1 - r0, c1 - c0,
+        )
+    tokens = torch.zeros(grid.h, grid.w, dtype=torch.bool)
+    tokens[r0:r1, c0:c1] = True
+    return tokens
+
+
+def mask_token_coverage(mask: Tensor, grid: TokenGrid) -> Tensor:
+    """Exact fraction of each token's in-canvas area covered by ``mask`` (values weighted).
+
+    The integral of a pixel-constant image is bilinear inside each pixel, so sampling its 2-D
+    prefix sum at fractional token edges gives exact areas for any canvas/grid ratio.
+
+    Shapes:
+        mask: (H, W) float in [0, 1]
+        returns (h, w) float in [0, 1]
+    """
+    height, width = mask.shape
+    prefix = torch.zeros(height + 1, width + 1, dtype=torch.float64)
+    prefix[1:, 1:] = mask.double().cumsum(0).cumsum(1)
+    y_edges = (torch.arange(grid.h + 1, dtype=torch.float64) * grid.cell_h * height).clamp(max=height)
+    x_edges = (torch.arange(grid.w + 1, dtype=torch.float64) * grid.cell_w * width).clamp(max=width)
+    at_edges = _interp(_interp(prefix, y_edges, dim=0), x_edges, dim=1)  # (h+1, w+1)
+    area = at_edges[1:, 1:] - at_edges[:-1, 1:] - at_edges[1:, :-1] + at_edges[:-1, :-1]
+    cell_area = (y_edges[1:] - y_edges[:-1])[:, None] * (x_edges[1:] - x_edges[:-1])[None, :]
+    return (area / cell_area.clamp(min=1e-12)).clamp(0.0, 1.0).float()
+
+
+def _interp(values: Tensor, positions: Tensor, dim: int) -> Tensor:
+    """Linear interpolation of ``values`` along ``dim`` at fractional ``positions`` within [0, size-1]."""
+    size = values.shape[dim]
+    lo = positions.floor().long().clamp(0, size - 1)
+    hi = (lo + 1).clamp(max=size - 1)
+    frac = positions - lo.double()
+    shape = [1] * values.ndim
+    shape[dim] = -1
+    frac = frac.view(shape)
+    return values.index_select(dim, lo) * (1 - frac) + values.index_select(dim, hi) * frac
+
+
+# priority compositing
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Exclusive assignment of tokens to subjects.
+
+    Shapes (``*G`` is the grid, e.g. ``h, w`` or ``L``):
+        owner:      (*G) long, subject index or -1 for background
+        exclusive:  (S, *G) bool, one-hot over subjects where owned
+        background: (*G) bool, tokens no subject covers
+    """
+
+    owner: Tensor
+    exclusive: Tensor
+    background: Tensor
+
+
+def composite_by_priority(token_masks: Tensor, priorities: list[int] | None = None) -> Ownership:
+    """Resolve overlaps: the highest priority owns a token; among equal priorities the later subject wins.
+
+    Shapes:
+        token_masks: (S, *G) bool
+    """
+    num_subjects = token_masks.shape[0]
+    priorities = list(range(num_subjects)) if priorities is None else list(priorities)
+    if len(priorities) != num_subjects:
+        raise ValueError(f"got {len(priorities)} priorities for {num_subjects} subject masks")
+    owner = torch.full(token_masks.shape[1:], -1, dtype=torch.long, device=token_masks.device)
+    # paint low -> high; a stable sort keeps subject order among ties, so later subjects paint last
+    for i in sorted(range(num_subjects), key=lambda j: priorities[j]):
+        owner[token_masks[i]] = i
+    subject_ids = torch.arange(num_subjects, device=token_masks.device).view(-1, *([1] * (token_masks.ndim - 1)))
+    exclusive = owner.unsqueeze(0) == subject_ids
+    return Ownership(owner=owner, exclusive=exclusive, background=owner < 0)

@@ -1,0 +1,23 @@
+"""ComfyUI adapters: the only package that imports comfy / comfy_api."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
+from .subjects import SubjectNode
+
+NODES: list[type[io.ComfyNode]] = [
+    SubjectNode,
+    LayoutFromBoxes,
+    LayoutFromMasks,
+    PreviewLayout,
+    LayoutToMasks,
+]
+
+
+class MultisubjectExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

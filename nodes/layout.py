@@ -1,0 +1,138 @@
+"""Layout nodes: boxes or masks -> LAYOUT, a preview of it, and LAYOUT -> MASK for other packs."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..attention.layout import Layout, composite_by_priority, parse_boxes
+from ..attention.preview import render_layout
+from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS, mask_batch
+
+_SUBJECTS_TOOLTIP = "Optional subjects: their count is checked against the regions and their labels fill unlabelled regions."
+
+
+def _label_from_subjects(layout: Layout, subjects) -> Layout:
+    if subjects is None:
+        return layout
+    layout.check_subject_count(len(subjects))
+    return layout.with_labels(subjects.labels)
+
+
+class LayoutFromBoxes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}LayoutFromBoxes",
+            display_name="Layout from Boxes",
+            category=f"{CATEGORY}/layout",
+            description="One box per subject, in subject order, typed as text.",
+            inputs=[
+                io.String.Input(
+                    "boxes", multiline=True, default="0.05, 0.15, 0.50, 0.95\n0.50, 0.15, 0.95, 0.95",
+                    tooltip="One box per line: 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1' (top-left, then "
+                    "bottom-right), or a JSON list [[x0, y0, x1, y1], ...] / [{\"box\": [...], \"label\": \"...\"}]. "
+                    "Lines starting with # are ignored.",
+                ),
+                io.Combo.Input(
+                    "units", options=["normalized", "pixels"], default="normalized",
+                    tooltip="normalized: fractions 0..1 of the canvas. pixels: pixel coordinates on the canvas.",
+                ),
+                io.Int.Input("width", default=1024, min=16, max=16384, step=8,
+                             tooltip="Canvas width in pixels: the width of the image you generate."),
+                io.Int.Input("height", default=1024, min=16, max=16384, step=8,
+                             tooltip="Canvas height in pixels: the height of the image you generate."),
+                SUBJECTS.Input("subjects", optional=True, tooltip=_SUBJECTS_TOOLTIP),
+            ],
+            outputs=[LAYOUT.Output(display_name="layout")],
+        )
+
+    @classmethod
+    def execute(cls, boxes, units, width, height, subjects=None) -> io.NodeOutput:
+        parsed = parse_boxes(boxes, units=units, width=width, height=height)
+        layout = Layout.from_boxes(width, height, [b for b, _ in parsed], [lab for _, lab in parsed])
+        return io.NodeOutput(_label_from_subjects(layout, subjects))
+
+
+class LayoutFromMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}LayoutFromMasks",
+            display_name="Layout from Masks",
+            category=f"{CATEGORY}/layout",
+            description="One mask per subject, in subject order: a mask batch, or chain several of these nodes.",
+            inputs=[
+                io.Mask.Input(
+                    "masks",
+                    tooltip="Mask(s) at the size of the image you generate, 1 = where the subject goes. A batch of S "
+                    "masks gives S regions. Masks are never resized.",
+                ),
+                LAYOUT.Input("layout", optional=True,
+                             tooltip="A layout to extend: these masks' regions are appended after its regions."),
+                SUBJECTS.Input("subjects", optional=True, tooltip=_SUBJECTS_TOOLTIP),
+            ],
+            outputs=[LAYOUT.Output(display_name="layout")],
+        )
+
+    @classmethod
+    def execute(cls, masks, layout=None, subjects=None) -> io.NodeOutput:
+        result = Layout.from_masks(mask_batch(masks))
+        if layout is not None:
+            result = layout.extend(result)
+        return io.NodeOutput(_label_from_subjects(result, subjects))
+
+
+class PreviewLayout(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}PreviewLayout",
+            display_name="Preview Layout",
+            category=f"{CATEGORY}/layout",
+            description="Draws the layout: coloured regions (top = owner of an overlap), labels and subject thumbnails.",
+            inputs=[
+                LAYOUT.Input("layout"),
+                SUBJECTS.Input("subjects", optional=True,
+                               tooltip="Optional subjects for labels, priorities and reference thumbnails."),
+                io.Image.Input("background", optional=True,
+                               tooltip="Optional image to draw on (first of the batch), same aspect ratio as the canvas."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, layout, subjects=None, background=None) -> io.NodeOutput:
+        image = render_layout(layout, subjects, None if background is None else background[0])
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+
+
+class LayoutToMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}LayoutToMasks",
+            display_name="Layout to Masks",
+            category=f"{CATEGORY}/layout",
+            description="One canvas-sized mask per region, for other packs (IPAdapter attention masks, regional prompts).",
+            inputs=[
+                LAYOUT.Input("layout"),
+                io.Boolean.Input(
+                    "exclusive", default=False,
+                    tooltip="Give each pixel to one region only, resolving overlaps by priority as the attention does.",
+                ),
+                SUBJECTS.Input("subjects", optional=True,
+                               tooltip="Optional subjects whose priorities decide overlaps when exclusive is on."),
+            ],
+            outputs=[io.Mask.Output(display_name="masks")],
+        )
+
+    @classmethod
+    def execute(cls, layout, exclusive, subjects=None) -> io.NodeOutput:
+        if subjects is not None:
+            layout.check_subject_count(len(subjects))
+        masks = layout.rasterize()
+        if exclusive:
+            priorities = subjects.priorities if subjects is not None else None
+            masks = masks * composite_by_priority(masks > 0.5, priorities).exclusive.float()
+        return io.NodeOutput(masks)
