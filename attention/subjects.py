@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 WEIGHT_RANGE = (0.0, 5.0)  # 0 disables a subject; above ~1.5 identity usually overpowers the prompt

@@ -91,7 +91,7 @@ class PreviewLayout(io.ComfyNode):
             category=f"{CATEGORY}/layout",
             description="Draws the layout: coloured regions (top = owner of an overlap), labels and subject thumbnails.",
             inputs=[
-                LAYOUT.Input("layout"),
+                LAYOUT.Input("layout", tooltip="The layout to draw."),
                 SUBJECTS.Input("subjects", optional=True,
                                tooltip="Optional subjects for labels, priorities and reference thumbnails."),
                 io.Image.Input("background", optional=True,
@@ -116,7 +116,7 @@ class LayoutToMasks(io.ComfyNode):
             category=f"{CATEGORY}/layout",
             description="One canvas-sized mask per region, for other packs (IPAdapter attention masks, regional prompts).",
             inputs=[
-                LAYOUT.Input("layout"),
+                LAYOUT.Input("layout", tooltip="The layout to turn into masks, one per region in subject order."),
                 io.Boolean.Input(
                     "exclusive", default=False,
                     tooltip="Give each pixel to one region only, resolving overlaps by priority as the attention does.",
