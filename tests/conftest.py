@@ -24,6 +24,9 @@ else:
     # ComfyUI's root must come first: its modules `import nodes`, `import utils`, ... by top-level name.
     # The pack is imported as `multisubject.*`, so its own `nodes/` never shadows ComfyUI's nodes.py.
     sys.path.insert(0, str(COMFYUI))
+    # main.py imports ComfyUI's `utils` package first; without that, importing comfy_api during collection
+    # binds the name `utils` to comfy/utils.py and comfy_extras/nodes_images.py later fails to import.
+    import utils.install_util  # noqa: F401,E402
 
 
 def pytest_report_header(config):
