@@ -16,7 +16,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("name", nargs="?", default="layout_preview", help="workflow in workflows/api (default: %(default)s)")
     run.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: %(default)s)")
-    args = parser.parse_args(argv)
+    from .train.cli import add_commands, run_command
+
+    add_commands(commands)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("train", "data"):
+        return run_command(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "run-workflow":
         from .headless import run_workflow_to_files
