@@ -73,27 +73,34 @@ def init_tiny_weights(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def load_flux(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """The Flux ``diffusion_model`` (``comfy.ldm.flux.model.Flux``): from ``cfg.diffusion_model`` through
-    ``comfy.sd.load_diffusion_model`` (ComfyUI's detection and key conversion), or tiny with random weights."""
-    comfy = import_comfy(cfg.comfyui)
+def load_flux(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A ComfyUI ``ModelPatcher`` around FLUX (``.model.diffusion_model`` is ``comfy.ldm.flux.model.Flux``): from
+    ``cfg.diffusion_model`` through ``comfy.sd.load_diffusion_model`` (ComfyUI's detection and key conversion), or
+    tiny with random weights (``init_tiny_weights(seed)``)."""
+    import_comfy(cfg.comfyui)
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+
     if cfg.tiny:
         model_config = comfy.model_detection.model_config_from_unet_config(tiny_unet_config(cfg))
         model_config.set_inference_dtype(dtype, None)
-        model = model_config.get_model({}, "").diffusion_model
-        init_tiny_weights(model, seed)
+        model = model_config.get_model({}, "")
+        init_tiny_weights(model.diffusion_model, seed)
+        patcher = comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(),
+                                                   comfy.model_management.unet_offload_device())
     else:
         path = Path(cfg.diffusion_model).expanduser()
         if not path.is_file():
             raise ValueError(f"model.diffusion_model {path} does not exist; point it at your FLUX.1 transformer "
                              "(ComfyUI/models/diffusion_models/flux1-dev.safetensors)")
         patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})
-        model = patcher.model.diffusion_model
-        if type(model).__name__ != "Flux":
-            raise RuntimeError(f"{path} loaded as {type(model).__module__}.{type(model).__name__}; the IDAR trainer "
-                               "needs a FLUX.1 model (comfy.ldm.flux.model.Flux)")
-    model.requires_grad_(False)
-    return model
+    flux = patcher.model.diffusion_model
+    if type(flux).__name__ != "Flux":
+        raise RuntimeError(f"{cfg.diffusion_model} loaded as {type(flux).__module__}.{type(flux).__name__}; the IDAR "
+                           "trainer needs a FLUX.1 model (comfy.ldm.flux.model.Flux)")
+    return patcher
 
 
 def lora_paths(model: nn.Module, cfg: LoRAConfig) -> list[str]:
@@ -172,7 +179,7 @@ class FluxBackend(nn.Module):
     def __init__(self, diffusion_model: nn.Module, lora: LoRAConfig, moe: MoEConfig | None = None,
                  grad_checkpointing: bool = False) -> None:
         super().__init__()
-        self.flux = diffusion_model
+        self.flux = diffusion_model.requires_grad_(False)  # the base stays frozen; only the adapters below train
         self.grad_checkpointing = grad_checkpointing
         self.loras: dict[str, LoRALinear] = inject_lora(self.flux, lora_paths(self.flux, lora), lora.rank, lora.alpha) \
             if lora.rank > 0 else {}

@@ -94,7 +94,7 @@ def build_backend(cfg: IDARConfig, device: torch.device):
     from .comfy_backend import FluxBackend, load_flux  # imports ComfyUI
 
     base_dtype = torch.bfloat16 if cfg.run.precision == "bf16" and device.type == "cuda" else torch.float32
-    flux = load_flux(cfg.model, dtype=base_dtype, seed=cfg.run.seed)
+    flux = load_flux(cfg.model, dtype=base_dtype, seed=cfg.run.seed).model.diffusion_model
     backend = FluxBackend(flux, cfg.lora, cfg.moe, cfg.run.grad_checkpointing).to(device)
     for _, p in backend.trainable_parameters():
         p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
@@ -382,3 +382,36 @@ def load_trainable(backend, trainable: dict[str, Tensor], source) -> None:
         raise ValueError(f"checkpoint {source} holds other adapter parameters than this config builds "
                          f"(missing {sorted(names - set(trainable))[:4]}, extra {sorted(set(trainable) - names)[:4]})")
     backend.load_state_dict(trainable, strict=False)
+
+
+@torch.no_grad()
+def evaluate_dice(backend, cache: LatentCache, cfg: IDARConfig, ids: list[int] | None = None,
+                  t_values: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 1234) -> float:
+    """Mean soft Dice score (1 - Dice loss) between the IDAR attention maps and the masks, over samples ``ids``
+    (default: all) at fixed timesteps with fixed noise: how well the model's reference->image attention follows
+    the subjects' regions."""
+    device = next(p for _, p in backend.trainable_parameters()).device
+    blocks = idar_blocks(cfg, backend.num_double_blocks)
+    scores = []
+    for i in ids if ids is not None else range(len(cache.samples)):
+        batch = load_batch(cache, [i], [False], device)
+        for t_value in t_values:
+            gen = torch.Generator().manual_seed(seed + i)
+            noise = torch.randn(batch.x0.shape, generator=gen).to(device)
+            t = torch.full((1,), t_value)
+            from .comfy_backend import FluxInputs
+
+            inputs = FluxInputs(noised(batch.x0, noise, t.to(device)), t.to(device), batch.context, batch.pooled,
+                                batch.refs, cfg.model.guidance)
+            _, maps = backend(inputs, idar_blocks=blocks)
+            _, dice = idar_loss(maps, batch.masks, cfg.loss.dice_eps)
+            scores.append(dice.mean())
+    return float(torch.stack(scores).mean())
+
+
+def load_run(cfg: IDARConfig, checkpoint: str | Path | None = None, device: str = "cpu"):
+    """A backend with the adapters of ``checkpoint`` (default: the run's latest), for evaluation or export."""
+    backend = build_backend(cfg, torch.device(device))
+    path = Path(checkpoint) if checkpoint else list_checkpoints(cfg.run.out_dir)[-1]
+    load_trainable(backend, load_checkpoint(path, cfg.to_dict())["trainable"], path)
+    return backend
