@@ -132,7 +132,7 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
     inputs = FluxInputs(x_t, t.to(device), batch.context, batch.pooled, batch.refs, cfg.model.guidance)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.run.precision == "bf16" else nullcontext()
     with autocast:
-        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=cfg.run.grad_checkpointing)
+        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=True)
     terms = {"flow": flow_loss(v, noise.to(device), batch.x0)}
     total = terms["flow"]
     if maps:
