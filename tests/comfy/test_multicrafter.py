@@ -43,8 +43,9 @@ def _sample(model, positive, negative, latent, cfg=1.0, steps=2, seed=0):
     import comfy.sample
 
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
+                                   disable_pbar=True, seed=seed)
 
 
 # UnoPE: ComfyUI's "uxo" ids against the spec's recurrence
@@ -192,6 +193,19 @@ def test_attention_lora_part_loads_through_the_stock_lora_loader_and_composes(fl
     outs = [_sample(m, *inputs) for m in (flux, other, only_moe, both)]
     assert all(torch.isfinite(o).all() for o in outs)
     assert not torch.allclose(outs[3], outs[2]) and not torch.allclose(outs[3], outs[1])
+
+
+@pytest.mark.parametrize("dtype, compute_dtype", [(torch.bfloat16, None), (torch.float8_e4m3fn, torch.float32)],
+                         ids=["bf16 weights", "fp8 weights, fp32 compute"])
+def test_moe_lora_runs_on_half_and_fp8_base_weights(comfy, inputs, dtype, compute_dtype):
+    from multisubject.nodes.moe_lora import apply_multicrafter_weights
+
+    model = build_tiny_flux(0, dtype, compute_dtype)
+    assert model.model.diffusion_model.double_blocks[0].img_mlp[0].weight.dtype == dtype
+    base = _sample(model, *inputs)
+    patched = _sample(apply_multicrafter_weights(model, _weights(), 1.0, 1.0), *inputs)
+    assert torch.isfinite(patched).all() and not torch.allclose(patched, base)
+    assert torch.equal(_sample(apply_multicrafter_weights(model, _weights(), 0.0, 0.0), *inputs), base)
 
 
 def test_loader_errors_name_the_model_and_the_mismatch(flux):

@@ -5,7 +5,13 @@ import copy
 import torch
 
 from multisubject.attention.moe_lora import MoELoRA, MoELoRAConfig
-from multisubject.attention.weights import LoRAConfig, LoRAPair, MoEExperts, MultiCrafterWeights, save_multicrafter_weights
+from multisubject.attention.weights import (
+    LoRAConfig,
+    LoRAPair,
+    MoEExperts,
+    MultiCrafterWeights,
+    save_multicrafter_weights,
+)
 from multisubject.headless import error_message, load_api_workflow
 
 HIDDEN = 64  # fixture_nodes.fx_flux.TINY_FLUX hidden size
