@@ -422,10 +422,10 @@ class MultiCrafterAttentionMaps(io.ComfyNode):
         pixels = maps_to_pixels(maps, height, width).flatten(0, 1)  # (B*S, H, W) batch-major
         heat = heat_colours(pixels)
         if image is not None:
-            if tuple(image.shape[1:3]) != (height, width):
+            if tuple(image.shape[1:3]) != (height, width) or image.shape[0] != maps.shape[0]:
                 raise ValueError(
-                    f"image is {image.shape[2]}x{image.shape[1]} but the latent decodes to {width}x{height}; connect "
-                    "the VAE Decode output of the same latent"
+                    f"image batch is {image.shape[0]} x {image.shape[2]}x{image.shape[1]} but the latent decodes to "
+                    f"{maps.shape[0]} x {width}x{height}; connect the VAE Decode output of the same latent"
                 )
             base = image[..., :3].float().repeat_interleave(maps.shape[1], 0)
             heat = base * 0.45 + heat * 0.55
