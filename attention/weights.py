@@ -263,22 +263,17 @@ def from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] |
     moe: dict[str, MoEExperts] = {}
     lora: dict[str, LoRAPair] = {}
     for path in moe_config.targets:
-        keys = [f"{MOE_PREFIX}{path}{s}" for s in _MOE_SUFFIXES]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            problems.append(f"missing tensors {missing}")
-            continue
-        moe[path] = MoEExperts(*(tensors[k] for k in keys))
+        group = _tensor_group(tensors, MOE_PREFIX, path, _MOE_SUFFIXES, problems)
+        if group is not None:
+            moe[path] = MoEExperts(*group)
     for path in lora_config.targets:
-        keys = [f"{LORA_PREFIX}{path}{s}" for s in _LORA_SUFFIXES]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            problems.append(f"missing tensors {missing}")
+        group = _tensor_group(tensors, LORA_PREFIX, path, _LORA_SUFFIXES, problems)
+        if group is None:
             continue
-        alpha = float(tensors[keys[2]])
+        alpha = float(group[2])
         if not math.isclose(alpha, lora_config.alpha, rel_tol=1e-3):
-            problems.append(f"{keys[2]} is {alpha:g} but the metadata says alpha {lora_config.alpha:g}")
-        lora[path] = LoRAPair(tensors[keys[0]], tensors[keys[1]])
+            problems.append(f"{LORA_PREFIX}{path}.alpha is {alpha:g} but the metadata says alpha {lora_config.alpha:g}")
+        lora[path] = LoRAPair(group[0], group[1])
     expected = {f"{MOE_PREFIX}{p}{s}" for p in moe_config.targets for s in _MOE_SUFFIXES}
     expected |= {f"{LORA_PREFIX}{p}{s}" for p in lora_config.targets for s in _LORA_SUFFIXES}
     unknown = sorted(set(tensors) - expected)
@@ -292,6 +287,17 @@ def from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] |
         return MultiCrafterWeights(moe_config, moe, lora_config, lora, base, train_config)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def _tensor_group(tensors: Mapping[str, Tensor], prefix: str, path: str, suffixes: tuple[str, ...],
+                  problems: list[str]) -> list[Tensor] | None:
+    """The tensors ``prefix + path + suffix`` in suffix order, or None (and a problem noted) if any is missing."""
+    keys = [f"{prefix}{path}{suffix}" for suffix in suffixes]
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        problems.append(f"missing tensors {missing}")
+        return None
+    return [tensors[k] for k in keys]
 
 
 def _int_or_none(text: str | None) -> int | None:
