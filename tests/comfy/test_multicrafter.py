@@ -282,6 +282,10 @@ def test_apply_with_cfg_batch_two_and_three_references_masks_each_call_once(comf
     assert torch.equal(_sample(_apply(comfy, flux, refs, None), pos, neg, latent, cfg=2.0), plain)
     late = _apply(comfy, flux, refs, layout, start=0.99, end=1.0)  # the 2-step schedule never reaches 99 %
     assert torch.equal(_sample(late, pos, neg, latent, cfg=2.0), plain)
+    # a negative without references runs as its own batch (different length); it gets no bias
+    plain_negative = tiny_flux_conditioning(2, batch=1)
+    mixed = _sample(masked_model, pos, plain_negative, latent, cfg=2.0)
+    assert torch.isfinite(mixed).all() and len(patch.cache) == 1
 
 
 def test_apply_errors_for_wrong_subject_count_and_mismatched_references(comfy, flux, vae):
