@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .moe_lora import MoELoRA, MoELoRAConfig
 
@@ -341,6 +341,27 @@ def load_multicrafter_weights(path: str | Path, device: str | torch.device = "cp
 
 
 # checks against a concrete model
+
+
+def features_of(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear, or of a container of Linears such as an FFN (first in, last out)."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    linears = [m for m in module.modules() if m is not module and hasattr(m, "in_features")]
+    return (int(linears[0].in_features), int(linears[-1].out_features)) if linears else None
+
+
+def module_features(root: nn.Module, w: MultiCrafterWeights) -> dict[str, tuple[int, int]]:
+    """``features_of`` every target of ``w`` that exists under ``root`` (e.g. a Flux ``diffusion_model``)."""
+    found = {}
+    for path in (*w.moe, *w.lora):
+        try:
+            features = features_of(root.get_submodule(path))
+        except AttributeError:
+            continue
+        if features is not None:
+            found[path] = features
+    return found
 
 
 def check_against_model(w: MultiCrafterWeights, module_features: Mapping[str, tuple[int, int]],
