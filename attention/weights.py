@@ -364,11 +364,11 @@ def module_features(root: nn.Module, w: MultiCrafterWeights) -> dict[str, tuple[
     return found
 
 
-def check_against_model(w: MultiCrafterWeights, module_features: Mapping[str, tuple[int, int]],
+def check_against_model(w: MultiCrafterWeights, features: Mapping[str, tuple[int, int]],
                         model_name: str = "the model") -> None:
     """Raise unless every target exists in the model with matching feature sizes.
 
-    ``module_features`` maps ComfyUI module paths (relative to ``diffusion_model``) to
+    ``features`` maps ComfyUI module paths (relative to ``diffusion_model``) to
     ``(in_features, out_features)``: the Linear layers for the LoRA targets, and each target FFN's
     input / output width for the MoE targets.
     """
@@ -376,10 +376,10 @@ def check_against_model(w: MultiCrafterWeights, module_features: Mapping[str, tu
     for kind, items in (("MoE", {p: (e.lora_A.shape[2], e.lora_B.shape[1]) for p, e in w.moe.items()}),
                         ("LoRA", {p: (q.lora_A.shape[1], q.lora_B.shape[0]) for p, q in w.lora.items()})):
         for path, (c_in, c_out) in sorted(items.items()):
-            if path not in module_features:
+            if path not in features:
                 problems.append(f"{kind} target {path} does not exist in {model_name}")
                 continue
-            want = tuple(module_features[path])
+            want = tuple(features[path])
             if (int(c_in), int(c_out)) != want:
                 problems.append(
                     f"{kind} target {path}: the file has {c_in} -> {c_out} features but {model_name} has "
