@@ -6,6 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
+from .moe_lora import LoadMoELoRA
+from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
 from .subjects import SubjectNode
 
 NODES: list[type[io.ComfyNode]] = [
@@ -14,6 +16,10 @@ NODES: list[type[io.ComfyNode]] = [
     LayoutFromMasks,
     PreviewLayout,
     LayoutToMasks,
+    MultiCrafterReferences,
+    LoadMoELoRA,
+    ApplyMultiCrafter,
+    MultiCrafterAttentionMaps,
 ]
 
 
