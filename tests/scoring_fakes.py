@@ -256,15 +256,15 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray((image.clamp(0, 1) * 255).round().byte().numpy()).save(path)
 
 
-def make_tiny_eval_set(folder: Path) -> dict[str, Path]:
-    """Two "methods" over the same 4 prompts with 2 fake faces each; returns {run name: manifest path}.
+def make_tiny_eval_set(folder: Path, count: int = 4) -> dict[str, Path]:
+    """Two "methods" over the same ``count`` prompts with 2 fake faces each; returns {run name: manifest path}.
 
     ``good`` places both references' identities in their boxes; ``swapped_dup`` repeats the first identity
     twice in one sample and leaves a face out in another, so its identity scores are lower.
     """
     refs_dir = folder / "references"
     samples = []
-    for n in range(4):
+    for n in range(count):
         a, b = 100 + 2 * n, 101 + 2 * n
         for seed in (a, b):
             _save_png(face_canvas([(seed, 10, 10)]), refs_dir / f"face{seed}.png")
