@@ -278,7 +278,7 @@ def _csv_value(value):
 
 
 def evaluate_runs(runs: dict[str, Path], evaluator: Evaluator, out_dir: Path, *, scale: float = 1.0,
-                  worst: int = 8, progress: bool = True, log=print) -> dict[str, dict]:
+                  worst: int = 8, progress: bool = True, title: str = "", log=print) -> dict[str, dict]:
     """Evaluate every run's manifest, write per-sample JSON + CSV, table.md, summary.json and plots/.
 
     Returns {run: summary}. A bad entry is logged with its run, index and id, counted as failed, and skipped.
@@ -323,9 +323,9 @@ def evaluate_runs(runs: dict[str, Path], evaluator: Evaluator, out_dir: Path, *,
 
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
-    plot_metric_bars(summaries, metrics, plots / "metrics.png")
+    plot_metric_bars(summaries, metrics, plots / "metrics.png", title=title)
     all_results = [r for rs in results.values() for r in rs if not r.error]
-    plot_worst_samples(all_results, samples, plots / "worst_samples.png", count=worst)
+    plot_worst_samples(all_results, samples, plots / "worst_samples.png", count=worst, title=title)
     failed = sum(s["failed"] for s in summaries.values())
     if failed:
         log(f"eval: {failed} of {total} entries failed (listed above and in per_sample.json)")
