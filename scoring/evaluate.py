@@ -212,10 +212,12 @@ class Evaluator:
         result = SampleResult(run, sample.index, sample.id, str(sample.image))
         m = result.metrics
         if self.identity is not None:
-            identity = self.identity.score_image(image, self.identity.embed_references(sample.subjects), sample.layout)
+            refs = self.identity.embed_references(sample.subjects, unscorable_ok=True)
+            identity = self.identity.score_image(image, refs, sample.layout)
             result.identity = identity
             result.per_subject = [round(float(v), 6) for v in identity.per_subject]
-            m["Multi-ID"] = identity.score
+            # a subject with no face and no object model cannot be scored: Multi-ID is then n/a
+            m["Multi-ID"] = identity.score if "none" not in refs.kinds else None
             m["Face-Sim"] = identity.face_score if self.faces is not None else None
         for name, embedder in (("DINO-I", self.dino), ("CLIP-I", self.clip)):
             if embedder is not None:

@@ -125,7 +125,7 @@ class ReferenceSet:
     """
 
     subjects: Subjects
-    kinds: tuple[str, ...]  # per subject: "face" or "object"
+    kinds: tuple[str, ...]  # per subject: "face", "object" (or "none": not scorable, see embed_references)
     face_embeddings: Tensor
     object_embeddings: Tensor
 
@@ -195,8 +195,12 @@ class IdentityScorer:
         self.objects = objects
         self.kind = kind
 
-    def embed_references(self, subjects: Subjects) -> ReferenceSet:
+    def embed_references(self, subjects: Subjects, unscorable_ok: bool = False) -> ReferenceSet:
         """Decide each subject's kind and embed its references.
+
+        ``unscorable_ok``: a subject without a face while no object model is loaded gets kind "none"
+        (left out of both matchings, still counted in the mean) instead of raising; the evaluation
+        uses it so Face-Sim works without an object model.
 
         Shapes:
             subjects: S subjects, each with (R, H, W, 3) reference images
@@ -209,6 +213,9 @@ class IdentityScorer:
             if self.faces is not None and self.kind != "object":
                 embedding = self._face_reference(subject.images)
             if embedding is None:
+                if unscorable_ok and self.objects is None:
+                    kinds.append("none")
+                    continue
                 if self.kind == "face" or self.objects is None:
                     name = subject.label or f"subject {i}"
                     why = "kind is 'face'" if self.kind == "face" else "no object model (DINOv2/CLIP) is loaded"

@@ -30,6 +30,8 @@ def _pil(image: Tensor) -> Image.Image:
 
 def _caption(name: str, result: IdentityResult, s: int) -> str:
     kind = result.kinds[s]
+    if kind == "none":
+        return f"{name}\nno face, no object model"
     if int(result.assignment[s]) < 0:
         return f"{name}\n{kind}: unmatched (0)"
     return f"{name}\n{kind} {float(result.per_subject[s]):.3f}"
@@ -59,7 +61,7 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
     boxes = {"face": result.face_boxes, "object": result.object_boxes}
     used = {"face": set(), "object": set()}
     for s in range(num_subjects):
-        if int(result.assignment[s]) >= 0:
+        if int(result.assignment[s]) >= 0 and result.kinds[s] in used:
             used[result.kinds[s]].add(int(result.assignment[s]))
     for kind, kind_boxes in boxes.items():  # candidates nobody matched: grey
         for k, box in enumerate(kind_boxes.tolist()):

@@ -170,3 +170,42 @@ except RuntimeError as e:
     assert lines[0] == "0.5"
     assert len(lines) == 2 and "needs the optional package transformers" in lines[1]
     assert "pip install 'multisubject[eval]'" in lines[1]
+
+
+def test_face_sim_works_without_an_object_model_and_multi_id_is_then_na(tmp_path):
+    from scoring_fakes import face_canvas
+
+    from multisubject.attention.subjects import Subject, Subjects
+    from multisubject.scoring.evaluate import Evaluator, Sample
+    from multisubject.scoring.faces import FaceEmbedder
+
+    generated = tmp_path / "gen.png"
+    Image.fromarray((face_canvas([(5, 4, 10)]).numpy() * 255).astype("uint8")).save(generated)
+    subjects = Subjects((Subject(images=face_canvas([(5, 10, 10)])[None], label="person"),
+                         Subject(images=torch.full((1, 64, 64, 3), 0.3), label="vase")))
+    evaluator = Evaluator(faces=FaceEmbedder.load("buffalo_l", roots=[built("face_root")]))
+    result = evaluator.evaluate(Sample(0, "s", generated, "a person and a vase", subjects, None), "run")
+    assert result.metrics["Face-Sim"] == pytest.approx(1.0, abs=1e-4)
+    assert result.metrics["Multi-ID"] is None and result.metrics["Overall"] is None
+    assert result.identity.kinds == ("face", "none")
+
+
+def test_hps_score_is_the_cosine_of_open_clip_features_and_bad_files_are_named(tmp_path):
+    import open_clip
+    import torch.nn.functional as F
+
+    from multisubject.scoring.metrics import HPSv2Scorer
+
+    hps_file = built("hps")
+    scorer = HPSv2Scorer.load(hps_file, str(hps_file.parent / f"{TINY_HPS_ARCH}.json"), device="cpu")
+    image = torch.rand(40, 56, 3)
+    score = scorer([image], ["a cat"])
+    with torch.no_grad():
+        img = F.normalize(scorer.model.encode_image(pad_to_square_resize(image, 32)[None]), dim=-1)
+        txt = F.normalize(scorer.model.encode_text(open_clip.get_tokenizer(TINY_HPS_ARCH)(["a cat"])), dim=-1)
+    assert score.tolist() == pytest.approx([(img * txt).sum().item()], abs=1e-5)
+    with pytest.raises(FileNotFoundError, match="expected the file HPS_v2.1_compressed.pt"):
+        HPSv2Scorer.load(tmp_path / "HPS_v2.1_compressed.pt", TINY_HPS_ARCH)
+    torch.save({"state_dict": {"nothing": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit open_clip"):
+        HPSv2Scorer.load(tmp_path / "bad.pt", TINY_HPS_ARCH)
