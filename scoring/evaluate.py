@@ -104,8 +104,8 @@ def read_manifest(path: Path) -> list:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise ValueError(f"manifest {path} is neither JSON nor JSON Lines: {e}") from None
-    if isinstance(data, dict) and "samples" in data:
-        data = data["samples"]
+    if isinstance(data, dict):  # {"samples": [...]}, or a JSON Lines file with a single sample
+        data = data["samples"] if "samples" in data else [data]
     if not isinstance(data, list):
         raise ValueError(f"manifest {path} must hold a list of samples, got {type(data).__name__}")
     return data

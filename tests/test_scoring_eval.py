@@ -157,6 +157,8 @@ def test_optional_packages_are_needed_only_when_used():
 import torch
 import multisubject.scoring as s
 from multisubject.__main__ import main
+import multisubject.scoring.cli, multisubject.scoring.evaluate, multisubject.scoring.metrics
+import multisubject.scoring.plots, multisubject.scoring.report
 print(s.match_identities(torch.tensor([[0.5]])).score)
 from multisubject.scoring.objects import ImageEmbedder
 try:
@@ -209,3 +211,19 @@ def test_hps_score_is_the_cosine_of_open_clip_features_and_bad_files_are_named(t
     torch.save({"state_dict": {"nothing": torch.zeros(1)}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not fit open_clip"):
         HPSv2Scorer.load(tmp_path / "bad.pt", TINY_HPS_ARCH)
+
+
+def test_manifest_may_be_json_lines_and_bad_entries_name_the_problem(tmp_path):
+    from multisubject.scoring.evaluate import ManifestError, parse_sample, read_manifest
+
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "references": ["r.png"]}\n')
+    entries = read_manifest(tmp_path / "m.jsonl")
+    assert entries == [{"image": "a.png", "references": ["r.png"]}]
+    with pytest.raises(ManifestError, match="reference 0 image .*r.png does not exist"):
+        parse_sample(entries[0], 0, tmp_path)
+    with pytest.raises(ManifestError, match="entry lacks references"):
+        parse_sample({"image": "a.png"}, 0, tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "r.png")
+    with pytest.raises(ManifestError, match="layout: layout has 2 region.s. but 1 subject"):
+        parse_sample({"image": "a.png", "references": ["r.png"],
+                      "layout": {"width": 8, "height": 8, "boxes": [[0, 0, 1, 1], [0, 0, 1, 1]]}}, 0, tmp_path)
