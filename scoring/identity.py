@@ -175,8 +175,8 @@ class IdentityScorer:
 
     Usage (e.g. in a trainer)::
 
-        scorer = IdentityScorer(faces=FaceEmbedder.load("antelopev2", roots=[insightface_root]),
-                                objects=ImageEmbedder.load(dinov2_dir))
+        scorer = IdentityScorer.from_paths(face_pack="antelopev2", insightface_roots=[insightface_root],
+                                           object_model=dinov2_dir)
         refs = scorer.embed_references(subjects)        # once per subject list
         reward = scorer(images, refs, layout)           # (B,) float tensor, one score per image
     """
@@ -194,6 +194,17 @@ class IdentityScorer:
         self.faces = faces
         self.objects = objects
         self.kind = kind
+
+    @classmethod
+    def from_paths(cls, face_pack: str | None = None, insightface_roots: Sequence[str] = (),
+                   object_model: str | None = None, kind: str = "auto", det_threshold: float = 0.5,
+                   device: str | None = None) -> IdentityScorer:
+        """Load the scorer from local files (a trainer's config): a face pack (name under the roots, or a
+        folder) and/or a DINOv2/CLIP folder. Nothing is downloaded; missing files raise naming them."""
+        faces = FaceEmbedder.load(face_pack, roots=list(insightface_roots), det_threshold=det_threshold) \
+            if face_pack else None
+        objects = ImageEmbedder.load(object_model, device, what="object model") if object_model else None
+        return cls(faces=faces, objects=objects, kind=kind)
 
     def embed_references(self, subjects: Subjects, unscorable_ok: bool = False) -> ReferenceSet:
         """Decide each subject's kind and embed its references.

@@ -176,3 +176,14 @@ def test_bad_image_batches_are_refused():
         scorer(torch.rand(2, 128, 256, 3), _subjects(1, 2), [LAYOUT] * 3)
     with pytest.raises(ValueError, match="needs a face pack, an object model"):
         IdentityScorer()
+
+
+def test_scorer_loads_from_local_paths_as_a_trainer_would():
+    pytest.importorskip("insightface", reason="needs the eval extra")
+    scorer = IdentityScorer.from_paths(face_pack="buffalo_l", insightface_roots=[str(built("face_root"))],
+                                       object_model=str(built("dinov2")))
+    person = Subject(images=face_canvas([(5, 10, 10)])[None], label="person")
+    reward = scorer(face_canvas([(5, 4, 4)])[None].repeat(3, 1, 1, 1), Subjects((person,)))
+    assert reward.shape == (3,) and reward.tolist() == pytest.approx([1.0] * 3, abs=1e-4)
+    with pytest.raises(ValueError, match="kind must be one of auto, face, object"):
+        IdentityScorer.from_paths(object_model=str(built("dinov2")), kind="faces")
