@@ -86,6 +86,12 @@ def run_eval(args: argparse.Namespace, log=print) -> int:
     from .objects import ImageEmbedder
 
     runs = parse_runs(args.runs)
+    try:  # transformers draws a progress bar per model it loads; ours is enough
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     for name, path in runs.items():
         if not path.is_file():
             raise FileNotFoundError(f"run '{name}': manifest {path} not found")
