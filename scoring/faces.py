@@ -53,6 +53,13 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not os.path.exists(text) and not str(text).startswith((".", "~"))
 
 
+def refuse_hub_id(text: str, what: str, give: str) -> None:
+    """Raise when ``text`` is a model-hub id rather than a local path (nothing is ever downloaded)."""
+    if looks_like_hub_id(text):
+        raise ValueError(f"{what} '{text}' looks like a model-hub id, but models are only read from local files "
+                         f"(nothing is downloaded); {give}")
+
+
 def resolve_face_pack(roots: list[str | Path], name: str) -> Path:
     """Find the folder holding pack ``name``'s ``.onnx`` files under any of ``roots``.
 
@@ -60,11 +67,8 @@ def resolve_face_pack(roots: list[str | Path], name: str) -> Path:
     antelopev2 zip unpacks one level deeper), ``<root>/<name>`` and ``<root>`` itself; ``name`` may also
     be a path to the pack folder.
     """
-    if looks_like_hub_id(name):
-        raise ValueError(
-            f"face pack '{name}' looks like a model-hub id, but packs are only read from local folders (nothing is "
-            f"downloaded); put the pack in <ComfyUI>/models/insightface/models/<pack>/ and give its name or path"
-        )
+    refuse_hub_id(name, "face pack", "put the pack in <ComfyUI>/models/insightface/models/<pack>/ and give its "
+                  "name or path")
     candidates = [Path(name).expanduser()] if os.sep in name or Path(name).expanduser().is_dir() else []
     for root in roots:
         root = Path(root).expanduser()
