@@ -16,8 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("name", nargs="?", default="layout_preview", help="workflow in workflows/api (default: %(default)s)")
     run.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: %(default)s)")
+    from .scoring.cli import add_eval_parser
     from .train.cli import add_commands, run_command
 
+    add_eval_parser(commands)
     add_commands(commands)
     args, extra = parser.parse_known_args(argv)
     if args.command in ("train", "data"):
@@ -35,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for path in paths:
             print(path.resolve())
+    elif args.command == "eval":
+        from .scoring.cli import run_eval
+        from .scoring.deps import MissingDependency
+
+        try:
+            return run_eval(args)
+        except (MissingDependency, FileNotFoundError, ValueError) as e:
+            print(f"eval: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -8,6 +8,7 @@ from typing_extensions import override
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
 from .moe_lora import LoadMoELoRA
 from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
+from .scoring import ScoreIdentity
 from .subjects import SubjectNode
 
 NODES: list[type[io.ComfyNode]] = [
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMoELoRA,
     ApplyMultiCrafter,
     MultiCrafterAttentionMaps,
+    ScoreIdentity,
 ]
 
 
