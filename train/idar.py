@@ -37,6 +37,7 @@ from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
     DistInfo,
     all_mean,
+    any_rank,
     average_gradients,
     barrier,
     full_optimizer_state,
@@ -251,6 +252,7 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
             metrics.update(grad_norm=grad_norm, lr=torch.tensor(scheduler.get_last_lr()[0]),
                            step_time=torch.tensor(time.perf_counter() - started))
             _log(writer, bar, metrics, pos.step, cfg, info)
+            stop["sigterm"] = any_rank(stop["sigterm"], info)
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
                 _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
             if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
