@@ -133,7 +133,8 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
 
     root, config = small
     out = tmp_path / "run"
-    assert cli(["train", "idar", "--config", str(config), *FAST, f"--run.out_dir={out}", "--run.max_steps=3", "--optim.lr=3e-2",
+    run_options = [f"--run.out_dir={out}", "--optim.lr=3e-2", "--run.precision=bf16", "--run.grad_checkpointing=true"]
+    assert cli(["train", "idar", "--config", str(config), *FAST, *run_options, "--run.max_steps=3",
                 "--run.sample_every=3"]) == 0
     exported = out / "multicrafter_idar.safetensors"
     weights = load_multicrafter_weights(exported)
@@ -141,7 +142,7 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
     assert "double_blocks.0.img_attn.qkv" in weights.lora and list(weights.moe) == ["double_blocks.0.img_mlp"]
     assert (out / "samples" / "step_00000003.png").is_file() and list((out / "tensorboard").iterdir())
     # the loader node on a fresh copy of the same base model gives the trained backend's prediction
-    cfg = load_config(config, [*FAST, f"--run.out_dir={out}", "--optim.lr=3e-2"])
+    cfg = load_config(config, [*FAST, *run_options])
     trained = load_run(cfg)
     folder_paths.add_model_folder_path("loras", str(out))
     base = load_flux(cfg.model, seed=cfg.run.seed)
