@@ -17,3 +17,5 @@ LAYOUT = io.Custom(f"{PREFIX}LAYOUT")  # attention.Layout: canvas + one region p
 def mask_batch(mask):
     """Shapes: MASK (B, H, W) or (H, W) -> (B, H, W) float."""
     return (mask.unsqueeze(0) if mask.ndim == 2 else mask).float()
+IPADAPTER = io.Custom(f"{PREFIX}IPADAPTER")  # attention.ip_adapter.IPAdapter: projection model + per-site K/V weights
+ENCODED_SUBJECTS = io.Custom(f"{PREFIX}ENCODED_SUBJECTS")  # attention.anyms.EncodedSubjects: adapter tokens per subject
