@@ -173,4 +173,21 @@ class LatentChecksum(io.ComfyNode):
                                              "shape": list(x.shape), "hex": digest}]})
 
 
-NODES = [TinySDXLCheckpoint, TinyTextEncode, TinyCLIPVision, LatentChecksum]
+class ModelPassthrough(io.ComfyNode):
+    """Returns its MODEL unchanged; a new ``tag`` makes everything downstream run again on the same object."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MSTest_ModelPassthrough",
+            category="_for_testing/multisubject",
+            inputs=[io.Model.Input("model"), io.String.Input("tag", default="")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, tag) -> io.NodeOutput:
+        return io.NodeOutput(model)
+
+
+NODES = [TinySDXLCheckpoint, TinyTextEncode, TinyCLIPVision, LatentChecksum, ModelPassthrough]
