@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 
-import comfy.model_management
 import folder_paths
 import torch
-from comfy.ldm.modules.attention import optimized_attention
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
 from ..attention.anyms import (
@@ -105,6 +102,8 @@ def _features(clip_vision, adapter: IPAdapter, images: torch.Tensor) -> torch.Te
 def _zero_image_features(clip_vision, adapter: IPAdapter) -> torch.Tensor:
     """Features of the reference implementation's negative: a zero (already normalised) image; zero embeds for
     global adapters. Shapes: returns (1, D) or (1, P, W)."""
+    import comfy.model_management
+
     if adapter.kind == "global":
         embeds = clip_vision.encode_image(torch.zeros(1, 8, 8, 3))["image_embeds"]
         return torch.zeros_like(embeds).float()
@@ -189,6 +188,9 @@ class AnyMSAttn2:
         return self  # ModelPatcher.clone() deep-copies model_options; the plan's caches are shared on purpose
 
     def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules import attention as comfy_attention  # imported late: it picks the device on import
+
+        optimized_attention = comfy_attention.optimized_attention
         heads = extra_options["n_heads"]
         precision = extra_options.get("attn_precision")
 
@@ -203,7 +205,7 @@ class AnyMSAttn2:
         )
 
 
-def unet_cross_attention_sites(diffusion_model: UNetModel) -> dict[SiteKey, torch.nn.Module]:
+def unet_cross_attention_sites(diffusion_model) -> dict[SiteKey, torch.nn.Module]:
     """Every attn2 of a UNet keyed as ComfyUI's replace patches are: (block, id, transformer index)."""
     sites = {}
     groups = [("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
@@ -219,6 +221,8 @@ def unet_cross_attention_sites(diffusion_model: UNetModel) -> dict[SiteKey, torc
 
 def check_model_fits_adapter(model, adapter: IPAdapter) -> None:
     """Raise unless ``model`` is an SD UNet with exactly the adapter's cross-attention sites and widths."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
     network = model.get_model_object("diffusion_model")
     model_class = type(model.model).__name__
     if not isinstance(network, UNetModel):

@@ -115,6 +115,8 @@ class TinySDXLCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name, seed) -> io.NodeOutput:
+        # test server only: tiny models are hundreds of small ops; OpenMP hand-offs on a shared CPU dominate them
+        torch.set_num_threads(1)
         return io.NodeOutput(tiny_sdxl(seed), None, tiny_vae(seed))
 
 
