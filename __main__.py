@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run-workflow":
         from .headless import run_workflow_to_files
 
-        for path in run_workflow_to_files(args.name, args.out):
+        try:
+            paths = run_workflow_to_files(args.name, args.out)
+        except (RuntimeError, FileNotFoundError, TimeoutError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        for path in paths:
             print(path.resolve())
     return 0
 

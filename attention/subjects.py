@@ -50,6 +50,12 @@ class Subject:
                     f"masks must match the reference images: expected {expected} (R, H, W), got "
                     f"{tuple(self.masks.shape)}"
                 )
+            elif bool((self.masks.flatten(1).amax(1) <= 0).any()):
+                empty = [i for i, m in enumerate(self.masks) if float(m.max()) <= 0]
+                problems.append(
+                    f"the mask of reference image(s) {empty} is all zero, so nothing of the subject is visible; "
+                    "if the mask comes from LoadImage of a cut-out PNG (which marks the background), turn on invert_mask"
+                )
         lo, hi = WEIGHT_RANGE
         if not (math.isfinite(self.weight) and lo <= self.weight <= hi):
             problems.append(f"weight must be within [{lo}, {hi}], got {self.weight}")

@@ -63,3 +63,8 @@ def test_subjects_chain_is_immutable_and_ordered():
     two = one.append(b)
     assert len(one) == 1 and two.labels == ["a", "b"] and two.priorities == [2, 0]
     assert "#1 b: 1 image(s)" in two.describe()
+
+
+def test_all_zero_subject_mask_suggests_invert():
+    with pytest.raises(ValueError, match=r"reference image\(s\) \[1\] is all zero.*turn on invert_mask"):
+        Subject.from_image(torch.rand(2, 4, 4, 3), torch.stack([torch.ones(4, 4), torch.zeros(4, 4)]))

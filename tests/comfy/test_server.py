@@ -125,3 +125,20 @@ def test_mask_batch_size_and_canvas_errors_through_the_server(server):
     entry = server.wait(server.queue(prompt)[1]["prompt_id"])
     assert "subject mask must be the size of its reference image" in error_message(entry)
     assert server.run(BASE)["status"]["status_str"] == "success"
+
+
+def test_rgba_and_multi_image_subjects_run_through_the_server(server):
+    prompt = load_api_workflow("layout_preview")
+    prompt["1"]["inputs"]["batch_size"] = 3  # three reference images of one subject: all kept
+    # JoinImageWithAlpha stores alpha = 1 - mask (ComfyUI's mask convention), so mask 0 = opaque
+    prompt["10"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 256, "height": 256}}
+    prompt["11"] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["2", 0], "alpha": ["10", 0]}}
+    prompt["4"]["inputs"]["image"] = ["11", 0]  # RGBA reference: alpha becomes the subject mask
+    pixels = _png(server, server.run(prompt)["outputs"]["7"]["images"][0])
+    blue = (np.abs(pixels - np.array([0x40, 0x60, 0xD0]) / 255).max(-1) < 2 / 255).sum()
+    assert blue > 1000  # the RGBA subject's thumbnail is drawn from its RGB channels
+
+    prompt["10"]["inputs"]["value"] = 1.0  # fully transparent reference: a clear error, not a blank subject
+    entry = server.wait(server.queue(prompt)[1]["prompt_id"])
+    assert "is all zero, so nothing of the subject is visible" in error_message(entry)
+    assert server.run(BASE)["status"]["status_str"] == "success"
