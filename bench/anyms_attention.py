@@ -9,7 +9,7 @@ Variants, timed side by side (round-robin, median of rounds) on the same inputs:
 Sites: 64x64 tokens, 640 channels, 10 heads and 32x32 tokens, 1280 channels, 20 heads; CFG batch 2.
 Boxes: S boxes on a grid over [0.1, 0.9] x [0.15, 0.9] (about 60% of the image), overlapping neighbours.
 
-    PYTHONPATH=<parent of the pack> python bench/anyms_attention.py [--rounds N] [--dtype float32]
+    PYTHONPATH=<parent of the pack> python bench/anyms_attention.py [--rounds N] [--dtype float32] [--threads 1]
 
 Last line: a JSON object with every ratio, ``anyms_s4_over_text`` and ``anyms_over_stacked_max``.
 """
@@ -116,7 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine OpenMP hand-offs swamp small attentions)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     start = time.perf_counter()
