@@ -190,6 +190,7 @@ class AnyMSPlan:
         self._grids: dict[tuple, GridPlan] = {}
         self._kv: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._branch: dict[tuple, Tensor] = {}
+        self._rows: dict[tuple, tuple[Tensor, ...]] = {}
         self._last_sigma: tuple[object, list[int]] | None = None
 
     def __deepcopy__(self, memo: dict) -> AnyMSPlan:
@@ -239,6 +240,25 @@ class AnyMSPlan:
             self._kv[key] = kv
         return kv
 
+    def batch_rows(self, plan: GridPlan, batch: int) -> tuple[Tensor, ...]:
+        """Each subject's owned tokens as rows of the flattened ``(B * L, C)`` queries.
+
+        Gathering rows of a 2-D tensor is several times faster on CPU than ``index_select`` along dim 1.
+
+        Shapes:
+            returns S tensors (B * n_j,) long
+        """
+        key = (id(plan), batch)
+        rows = self._rows.get(key)
+        if rows is None:
+            num_tokens = plan.grid.num_tokens
+            rows = tuple(
+                (torch.arange(batch, device=idx.device)[:, None] * num_tokens + idx[None, :]).reshape(-1)
+                for idx in plan.owned
+            )
+            self._rows[key] = rows
+        return rows
+
     def branch_index(self, cond_or_uncond: list[int] | None, batch: int, device: torch.device) -> Tensor:
         """Which stacked token set (0 cond, 1 uncond) each batch row uses. Shapes: returns (B,) long."""
         chunks = tuple(cond_or_uncond) if cond_or_uncond else (0,)
@@ -280,6 +300,9 @@ class AnyMSPlan:
         branch = self.branch_index(cond_or_uncond, batch, q.device)
         mode = self.config.mode
         plan = self.grid_plan(latent_hw[0], latent_hw[1], num_tokens, q.device) if mode is not Mode.GLOBAL else None
+        if mode is Mode.CROP_MERGE:
+            rows = self.batch_rows(plan, batch)
+            q_rows = q.reshape(batch * num_tokens, -1)  # (B * L, C_site)
         for j in active:
             alpha = self.config.scale * self.subjects.items[j].weight
             k_j, v_j = k_all[j][branch], v_all[j][branch]  # (B, T, C_site)
@@ -287,7 +310,8 @@ class AnyMSPlan:
                 idx = plan.owned[j]
                 if idx.numel() == 0:  # every token overwritten by higher-priority subjects
                     continue
-                z = attention(q.index_select(1, idx), k_j, v_j, heads)  # (B, n_j, C_site)
+                q_j = q_rows.index_select(0, rows[j]).view(batch, idx.numel(), -1)  # (B, n_j, C_site)
+                z = attention(q_j, k_j, v_j, heads)  # (B, n_j, C_site)
                 out.index_add_(1, idx, z.to(out.dtype), alpha=alpha)
             else:
                 z = attention(q, k_j, v_j, heads)  # (B, L, C_site)

@@ -34,8 +34,8 @@ CONTEXT, TEXT_TOKENS, IMAGE_TOKENS, BATCH = 2048, 77, 16, 2
 
 
 def boxes(count: int, overlap: float = 0.05) -> list[tuple[float, float, float, float]]:
-    cols = math.ceil(count / 2) if count > 1 else 1
-    rows = 1 if count < 3 else 2
+    rows = 1 if count <= 2 else 2
+    cols = math.ceil(count / rows)
     x0, y0, x1, y1 = 0.1, 0.15, 0.9, 0.9
     w, h = (x1 - x0) / cols, (y1 - y0) / rows
     out = []
