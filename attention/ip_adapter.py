@@ -292,7 +292,8 @@ def _site_weights(site_state: dict[str, Tensor], name_hint: str) -> tuple[list[T
             f"{name_hint}: ip_adapter weights are not numbered 1, 3, 5, ... with one to_k_ip and one to_v_ip each "
             f"(found keys {_sample_keys(site_state)}); the file is not an IP-Adapter in the reference layout"
         )
-    return [found["k"][n].float() for n in numbers], [found["v"][n].float() for n in numbers]
+    # kept in the file's dtype (SDXL's 140 matrices are ~0.7 GB in fp16); site_kv converts one site at a time
+    return [found["k"][n] for n in numbers], [found["v"][n] for n in numbers]
 
 
 def _build_image_proj(state: dict[str, Tensor], name_hint: str) -> tuple[nn.Module, int, int]:

@@ -81,12 +81,14 @@ class EncodeSubjects(io.ComfyNode):
     @classmethod
     def execute(cls, subjects, clip_vision, ipadapter: IPAdapter) -> io.NodeOutput:
         items = []
+        uncond = None
         for subject in subjects:
             images = subject.images
             if subject.masks is not None:  # masked subjects are encoded on white, so no background is copied
                 images = images * subject.masks[..., None] + (1.0 - subject.masks[..., None])
             cond = average_reference_tokens(ipadapter.project(_features(clip_vision, ipadapter, images)))
-            uncond = ipadapter.project(_zero_image_features(clip_vision, ipadapter))[0].float()
+            if uncond is None:  # after the first cond: a mismatched encoder fails there with the clearer message
+                uncond = ipadapter.project(_zero_image_features(clip_vision, ipadapter))[0].float()
             items.append(EncodedSubject(
                 cond.cpu(), uncond.cpu(), label=subject.label, weight=subject.weight,
                 start_percent=subject.start_percent, end_percent=subject.end_percent, priority=subject.priority,
@@ -105,8 +107,7 @@ def _zero_image_features(clip_vision, adapter: IPAdapter) -> torch.Tensor:
     import comfy.model_management
 
     if adapter.kind == "global":
-        embeds = clip_vision.encode_image(torch.zeros(1, 8, 8, 3))["image_embeds"]
-        return torch.zeros_like(embeds).float()
+        return torch.zeros(1, adapter.clip_dim)
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     size = clip_vision.image_size
     pixels = torch.zeros(1, 3, size, size, device=clip_vision.load_device)

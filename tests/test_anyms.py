@@ -225,3 +225,19 @@ def test_plan_survives_deepcopy_as_the_same_object(adapter):
 
     plan = AnyMSPlan(_subjects(adapter, 1), _layout(1), AnyMSConfig())
     assert copy.deepcopy({"p": plan})["p"] is plan
+
+
+def test_fp16_adapter_weights_and_bf16_activations_match_float32_closely():
+    state = {k: v.half() for k, v in adapter_state("sdxl", "global", clip_dim=24).items()}
+    adapter = adapter_from_state_dict(state)
+    assert adapter.to_k_ip[0].dtype == torch.float16  # kept in the file's dtype
+    subjects, layout = _subjects(adapter, 3), _layout()
+    q, k, v = _qkv()
+    exact = _run(AnyMSPlan(subjects, layout, AnyMSConfig()), q, k, v)
+    plan = AnyMSPlan(subjects, layout, AnyMSConfig())
+    low = plan.add_image_attention(
+        sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), HEADS), q.bfloat16(), site=SITE, heads=HEADS,
+        latent_hw=LATENT, cond_or_uncond=[0, 1],
+    )
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.05)
