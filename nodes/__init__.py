@@ -7,6 +7,9 @@ from typing_extensions import override
 
 from .anyms import ApplyAnyMS, EncodeSubjects, LoadIPAdapter
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
+from .moe_lora import LoadMoELoRA
+from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
+from .scoring import ScoreIdentity
 from .subjects import SubjectNode
 
 NODES: list[type[io.ComfyNode]] = [
@@ -18,6 +21,11 @@ NODES: list[type[io.ComfyNode]] = [
     LoadIPAdapter,
     EncodeSubjects,
     ApplyAnyMS,
+    MultiCrafterReferences,
+    LoadMoELoRA,
+    ApplyMultiCrafter,
+    MultiCrafterAttentionMaps,
+    ScoreIdentity,
 ]
 
 
