@@ -258,19 +258,9 @@ def _tiny_sd15():
 
 
 def _tiny_flux():
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
+    from fixture_nodes.fx_flux import build_tiny_flux
 
-    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64,
-                  mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
-                  patch_size=2, qkv_bias=True, guidance_embed=True)
-    model_config = comfy.model_detection.model_config_from_unet_config(config)
-    model_config.set_inference_dtype(torch.float32, None)
-    return comfy.model_patcher.ModelPatcher(
-        model_config.get_model({}, ""), comfy.model_management.get_torch_device(),
-        comfy.model_management.unet_offload_device(),
-    )
+    return build_tiny_flux()
 
 
 def test_image_attention_is_zero_outside_the_regions_at_every_patched_site(comfy, model, adapter_dir, clip_vision):
