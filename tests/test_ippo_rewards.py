@@ -1,0 +1,94 @@
+"""IPPO rewards: one signature, config checks with clear errors, per-reward timing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from multisubject.attention.subjects import Subject, Subjects
+from multisubject.train.rewards import (
+    RewardConfig,
+    RewardInputs,
+    build_rewards,
+    check_reward_config,
+    compute_rewards,
+    repeat_per_image,
+)
+
+
+def _subjects() -> Subjects:
+    return Subjects((Subject(images=torch.rand(1, 8, 8, 3), label="cat"),))
+
+
+def _inputs(batch: int = 4) -> RewardInputs:
+    return RewardInputs(
+        images=torch.rand(batch, 16, 16, 3),
+        prompts=repeat_per_image(["a cat", "a dog"], batch // 2),
+        subjects=(_subjects(),) * batch,
+    )
+
+
+def test_rewards_share_one_signature_and_each_is_timed():
+    def brightness(inputs: RewardInputs) -> torch.Tensor:
+        return inputs.images.mean((1, 2, 3))
+
+    def slow(inputs: RewardInputs) -> torch.Tensor:
+        time.sleep(0.02)
+        return torch.tensor([float(len(p)) for p in inputs.prompts])
+
+    config = RewardConfig(weights={"brightness": 1.0, "slow": 0.5})
+    rewards = build_rewards(config, extra={"brightness": brightness, "slow": slow})
+    inputs = _inputs()
+    result = compute_rewards(rewards, inputs)
+    torch.testing.assert_close(result.scores["brightness"], inputs.images.mean((1, 2, 3)))
+    assert result.scores["slow"].tolist() == [5.0, 5.0, 5.0, 5.0]
+    assert result.seconds["slow"] >= 0.02 and set(result.seconds) == {"brightness", "slow"}
+
+
+def test_zero_weight_rewards_are_not_built():
+    config = RewardConfig(weights={"toy": 1.0, "hpsv2": 0.0})
+    assert set(build_rewards(config, extra={"toy": lambda i: torch.zeros(len(i.prompts))})) == {"toy"}
+
+
+def test_weight_for_a_reward_that_is_not_configured_is_named():
+    with pytest.raises(ValueError, match=r"\['pickscore'\], which are not configured rewards.*clip_text"):
+        check_reward_config(RewardConfig(weights={"pickscore": 1.0}))
+
+
+def test_unset_model_paths_are_all_listed():
+    with pytest.raises(ValueError) as err:
+        check_reward_config(RewardConfig())
+    message = str(err.value)
+    assert "clip_dir" in message and "hps_checkpoint" in message and "insightface_root" in message
+
+
+def test_missing_reward_model_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "HPS_v2.1_compressed.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        check_reward_config(RewardConfig(weights={"hpsv2": 1.0}, hps_checkpoint=str(missing)))
+    with pytest.raises(FileNotFoundError, match="clip_dir"):
+        check_reward_config(RewardConfig(weights={"clip_text": 1.0}, clip_dir=str(tmp_path / "clip")))
+
+
+def test_reward_returning_the_wrong_shape_or_nan_is_reported():
+    inputs = _inputs()
+    with pytest.raises(ValueError, match=r"'bad' returned \(3,\) scores for 4 images"):
+        compute_rewards({"bad": lambda i: torch.zeros(3)}, inputs)
+    with pytest.raises(ValueError, match="'nan' returned NaN"):
+        compute_rewards({"nan": lambda i: torch.full((4,), float("nan"))}, inputs)
+
+
+def test_reward_inputs_need_one_entry_per_image():
+    with pytest.raises(ValueError, match="4 images but"):
+        RewardInputs(images=torch.rand(4, 8, 8, 3), prompts=("a",) * 2, subjects=(_subjects(),) * 4)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+        RewardInputs(images=torch.rand(4, 3, 8, 8), prompts=("a",) * 4, subjects=(_subjects(),) * 4)
+
+
+def test_negative_or_all_zero_weights_are_rejected():
+    with pytest.raises(ValueError, match=">= 0"):
+        RewardConfig(weights={"hpsv2": -1.0})
+    with pytest.raises(ValueError, match="positive weight"):
+        RewardConfig(weights={"hpsv2": 0.0})
