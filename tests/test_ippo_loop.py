@@ -102,3 +102,17 @@ def test_prompt_without_references_is_rejected():
 def test_group_size_one_is_rejected():
     with pytest.raises(ValueError, match="undefined for a group of 1"):
         RolloutConfig(group_size=1)
+
+
+def test_rollout_grid_has_one_row_per_group_and_one_column_per_image():
+    from multisubject.train.rollout_preview import CAPTION_PX, render_rollout_grid
+
+    images = torch.zeros(6, 20, 30, 3)
+    images[4] = 1.0  # group 1, image 1 is white
+    grid = render_rollout_grid(images, {"id": torch.rand(6), "aes": torch.rand(6)}, torch.randn(6), 3, ["a", "b"])
+    row = CAPTION_PX + 2 + 20 + 3 * CAPTION_PX
+    assert grid.size == (3 * 30, 2 * row)
+    assert grid.getpixel((30 + 15, row + CAPTION_PX + 2 + 10)) == (255, 255, 255)
+    assert grid.getpixel((15, CAPTION_PX + 2 + 10)) == (0, 0, 0)
+    with pytest.raises(ValueError, match="whole groups"):
+        render_rollout_grid(images, {}, torch.zeros(6), 4)
