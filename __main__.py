@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("name", nargs="?", default="layout_preview", help="workflow in workflows/api (default: %(default)s)")
     run.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: %(default)s)")
+    from .scoring.cli import add_eval_parser
+
+    add_eval_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "run-workflow":
@@ -28,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for path in paths:
             print(path.resolve())
+    elif args.command == "eval":
+        from .scoring.cli import run_eval
+        from .scoring.deps import MissingDependency
+
+        try:
+            return run_eval(args)
+        except (MissingDependency, FileNotFoundError, ValueError) as e:
+            print(f"eval: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

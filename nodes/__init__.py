@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
+from .scoring import ScoreIdentity
 from .subjects import SubjectNode
 
 NODES: list[type[io.ComfyNode]] = [
@@ -14,6 +15,7 @@ NODES: list[type[io.ComfyNode]] = [
     LayoutFromMasks,
     PreviewLayout,
     LayoutToMasks,
+    ScoreIdentity,
 ]
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one setup path: .venv with the index's default torch + torchvision, this pack (editable) with its
-# dev tools, and -- when a ComfyUI checkout is found -- ComfyUI's own requirements plus `requests`.
+# dev tools and the eval extra, and -- when a ComfyUI checkout is found -- ComfyUI's own requirements plus `requests`.
 # Idempotent: does nothing when pyproject.toml and the ComfyUI requirements are unchanged since the last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
 # torch + torchvision from the index's defaults (CUDA builds; they run on CPU). ComfyUI imports torchvision.
 pip install torch torchvision
-pip install -e ".[dev]"
+pip install -e ".[dev,eval]"  # eval: identity scoring + benchmark CLI (and their tests)
 if [ -n "$COMFYUI" ]; then
   echo "setup: ComfyUI found at $COMFYUI; installing its requirements"
   # torch/torchvision are installed above; torchaudio is optional (audio nodes only)

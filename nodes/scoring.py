@@ -1,0 +1,161 @@
+"""Identity scoring node: IMAGE + SUBJECTS (+ LAYOUT) -> Multi-ID score and a report image.
+
+Model folders (registered here, so ``extra_model_paths.yaml`` entries with these names work too):
+  * ``models/insightface/models/<pack>/*.onnx``: insightface face packs (buffalo_l, antelopev2), the
+    folder IPAdapter / InstantID / PuLID already use;
+  * ``models/reward_models/<name>/``: transformers folders (DINOv2 or CLIP) for object subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..scoring.faces import resolve_face_pack
+from ..scoring.identity import KINDS
+from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
+
+NONE = "none"
+FACE_FOLDER = "insightface"
+OBJECT_FOLDER = "reward_models"
+for _name in (FACE_FOLDER, OBJECT_FOLDER):
+    folder_paths.add_model_folder_path(_name, os.path.join(folder_paths.models_dir, _name))
+
+_LOADED: dict[tuple, object] = {}  # loaded models, reused across runs (keyed by folder + settings)
+
+
+def _roots(name: str) -> list[str]:
+    return folder_paths.get_folder_paths(name)
+
+
+def face_packs() -> list[str]:
+    """Pack folders under every insightface root that hold .onnx files."""
+    found = []
+    for root in _roots(FACE_FOLDER):
+        models = os.path.join(root, "models")
+        if os.path.isdir(models):
+            found += [d for d in sorted(os.listdir(models))
+                      if any(f.endswith(".onnx") for f in _listdir(os.path.join(models, d)))
+                      or any(f.endswith(".onnx") for f in _listdir(os.path.join(models, d, d)))]
+    return list(dict.fromkeys(found))
+
+
+def object_models() -> list[str]:
+    """Sub-folders of reward_models whose config.json is a DINOv2 or CLIP model."""
+    found = []
+    for root in _roots(OBJECT_FOLDER):
+        for name in sorted(_listdir(root)):
+            config = os.path.join(root, name, "config.json")
+            try:
+                with open(config) as f:
+                    if json.load(f).get("model_type") in ("dinov2", "clip"):
+                        found.append(name)
+            except (OSError, ValueError):
+                continue
+    return list(dict.fromkeys(found))
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _load_faces(pack: str, det_threshold: float):
+    from ..scoring.faces import FaceEmbedder
+
+    pack_dir = resolve_face_pack(_roots(FACE_FOLDER), pack)
+    key = ("faces", str(pack_dir), det_threshold)
+    if key not in _LOADED:
+        _LOADED[key] = FaceEmbedder.load(pack_dir, det_threshold=det_threshold)
+    return _LOADED[key]
+
+
+def _load_objects(name: str):
+    from ..scoring.objects import ImageEmbedder
+
+    folder = next((os.path.join(r, name) for r in _roots(OBJECT_FOLDER) if os.path.isdir(os.path.join(r, name))), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"object model '{name}' not found in {', '.join(_roots(OBJECT_FOLDER))}; put a DINOv2 or CLIP folder "
+            "(config.json, model.safetensors, preprocessor_config.json) in models/reward_models/"
+        )
+    key = ("objects", folder)
+    if key not in _LOADED:
+        _LOADED[key] = ImageEmbedder.load(folder, what=f"object model '{name}'")
+    return _LOADED[key]
+
+
+class ScoreIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}ScoreIdentity",
+            display_name="Score Identity (Multi-ID)",
+            category=f"{CATEGORY}/scoring",
+            description=(
+                "How well the generated image keeps every subject's identity: faces by ArcFace (insightface pack), "
+                "other subjects by DINOv2/CLIP on the layout's regions; references and detections are matched "
+                "one-to-one (Hungarian), so a missing subject scores 0 and a repeated face is credited once. "
+                "Needs the pack's 'eval' extra."
+            ),
+            inputs=[
+                io.Image.Input("image", tooltip="Generated image(s) to score; each image of the batch is scored."),
+                SUBJECTS.Input("subjects", tooltip="The subjects whose identities should appear in the image."),
+                io.Combo.Input(
+                    "face_pack", options=[NONE] + face_packs(), default=NONE,
+                    tooltip="insightface pack in models/insightface/models/<pack> (antelopev2, buffalo_l) for face "
+                    "subjects; none = score every subject as an object. Packs are never downloaded.",
+                ),
+                io.Combo.Input(
+                    "object_model", options=[NONE] + object_models(), default=NONE,
+                    tooltip="DINOv2 or CLIP folder in models/reward_models/ for subjects without a face; none = "
+                    "faces only.",
+                ),
+                io.Combo.Input(
+                    "subject_kind", options=list(KINDS), default="auto",
+                    tooltip="auto: a subject is a face when a face is found in its reference, else an object. face / "
+                    "object: score every subject that way.",
+                ),
+                io.Float.Input(
+                    "face_threshold", default=0.5, min=0.05, max=0.95, step=0.05,
+                    tooltip="Face detection score threshold (insightface's default 0.5).",
+                ),
+                LAYOUT.Input(
+                    "layout", optional=True,
+                    tooltip="Optional layout: object subjects are looked for in its regions. Without one, each object "
+                    "reference is compared with the whole image.",
+                ),
+            ],
+            outputs=[
+                io.Float.Output(display_name="score", tooltip="Mean identity score over the batch, 0..1."),
+                io.Image.Output(display_name="report", tooltip="Boxes, lines to the matched references, scores."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, face_pack, object_model, **kwargs):
+        if face_pack == NONE and object_model == NONE:
+            return ("choose a face_pack (for people) and/or an object_model (for other subjects); both are 'none'. "
+                    "Put packs in models/insightface/models/ and DINOv2/CLIP folders in models/reward_models/")
+        return True
+
+    @classmethod
+    def execute(cls, image, subjects, face_pack, object_model, subject_kind, face_threshold,
+                layout=None) -> io.NodeOutput:
+        from ..scoring.identity import IdentityScorer
+        from ..scoring.report import render_identity_report
+
+        faces = _load_faces(face_pack, float(face_threshold)) if face_pack != NONE else None
+        objects = _load_objects(object_model) if object_model != NONE else None
+        scorer = IdentityScorer(faces=faces, objects=objects, kind=subject_kind)
+        results = scorer.score_batch(image[..., :3], subjects, layout)
+        reports = torch.stack([
+            render_identity_report(img, result, subjects, title=f"#{i + 1}" if len(results) > 1 else "")
+            for i, (img, result) in enumerate(zip(image[..., :3], results))
+        ])
+        score = sum(r.score for r in results) / len(results)
+        return io.NodeOutput(score, reports, ui=ui.PreviewImage(reports, cls=cls))
