@@ -92,3 +92,47 @@ def test_negative_or_all_zero_weights_are_rejected():
         RewardConfig(weights={"hpsv2": -1.0})
     with pytest.raises(ValueError, match="positive weight"):
         RewardConfig(weights={"hpsv2": 0.0})
+
+
+# the built-in rewards, on the scoring package's tiny fake models
+
+
+def test_builtin_rewards_load_from_local_files_and_score(tmp_path):
+    pytest.importorskip("insightface", reason="needs the eval extra: pip install -e '.[eval]'")
+    pytest.importorskip("open_clip", reason="needs the eval extra: pip install -e '.[eval]'")
+    from scoring_fakes import TINY_HPS_ARCH, built, face_canvas
+
+    config = RewardConfig(
+        weights={"multi_id": 1.0, "clip_text": 1.0, "hpsv2": 1.0},
+        clip_dir=str(built("clip")),
+        hps_checkpoint=str(built("hps")),
+        hps_arch=TINY_HPS_ARCH,
+        insightface_root=str(built("face_root")),
+        face_pack="buffalo_l",
+        device="cpu",
+    )
+    rewards = build_rewards(config)
+    assert set(rewards) == {"multi_id", "clip_text", "hpsv2"}
+    subjects = Subjects((Subject(images=face_canvas([(11, 10, 10)])[None], label="anna"),))
+    images = torch.stack([face_canvas([(11, 6, 8)]), face_canvas([(99, 6, 8)]), face_canvas([])])
+    inputs = RewardInputs(images=images, prompts=("the cat",) * 3, subjects=(subjects,) * 3)
+    result = compute_rewards(rewards, inputs)
+    identity = result.scores["multi_id"]
+    assert identity[0] == pytest.approx(1.0, abs=1e-4) and identity[1] < 0.95 and identity[2] == 0.0
+    for name in ("clip_text", "hpsv2"):
+        assert result.scores[name].shape == (3,) and (result.scores[name].abs() <= 1.0 + 1e-5).all()
+    assert set(result.seconds) == {"multi_id", "clip_text", "hpsv2"}
+    # the clip reward is the cosine of the CLIP image and text embeddings
+    from multisubject.scoring.objects import ImageEmbedder
+
+    clip = ImageEmbedder.load(built("clip"), device="cpu")
+    expected = (clip.embed_images(list(images)) * clip.embed_texts(["the cat"] * 3)).sum(-1)
+    torch.testing.assert_close(result.scores["clip_text"], expected)
+
+
+def test_clip_reward_refuses_a_dinov2_folder():
+    pytest.importorskip("transformers")
+    from scoring_fakes import built
+
+    with pytest.raises(ValueError, match="expected CLIP"):
+        build_rewards(RewardConfig(weights={"clip_text": 1.0}, clip_dir=str(built("dinov2")), device="cpu"))

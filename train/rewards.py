@@ -23,6 +23,7 @@ from ..attention.layout import Layout
 from ..attention.subjects import Subjects
 
 BUILTIN_REWARDS = ("multi_id", "clip_text", "hpsv2")
+REFERENCE_CACHE_SIZE = 4096  # prompt groups whose embedded references the multi_id reward keeps
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,17 @@ def _multi_id_reward(config: RewardConfig, device: str) -> Reward:
     faces = FaceEmbedder.load(config.face_pack, roots=[config.insightface_root]) if config.insightface_root else None
     objects = ImageEmbedder.load(config.object_model_dir, device=device) if config.object_model_dir else None
     scorer = IdentityScorer(faces=faces, objects=objects)
+    embedded: dict[int, tuple[Subjects, object]] = {}  # references are embedded once per prompt, not per iteration
+
+    def references(subjects: Subjects):
+        if id(subjects) not in embedded:
+            if len(embedded) >= REFERENCE_CACHE_SIZE:
+                embedded.pop(next(iter(embedded)))
+            embedded[id(subjects)] = (subjects, scorer.embed_references(subjects))  # keeps `subjects` alive
+        return embedded[id(subjects)][1]
 
     def multi_id(inputs: RewardInputs) -> Tensor:
-        return scorer(inputs.images, list(inputs.subjects), list(inputs.layouts))
+        return scorer(inputs.images, [references(s) for s in inputs.subjects], list(inputs.layouts))
 
     return multi_id
 
