@@ -9,9 +9,30 @@ Shape legend (used in every ``Shapes:`` block of this package):
 """
 
 from .layout import Layout, Region, TokenGrid, composite_by_priority, region_token_masks
+from .moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN, load_balancing_loss
 from .subjects import Subject, Subjects
+from .weights import (
+    LoRAConfig,
+    LoRAPair,
+    MoEExperts,
+    MultiCrafterWeights,
+    check_against_model,
+    load_multicrafter_weights,
+    save_multicrafter_weights,
+)
 
 __all__ = [
+    "LoRAConfig",
+    "LoRAPair",
+    "MoEExperts",
+    "MoELoRA",
+    "MoELoRAConfig",
+    "MoELoRAFFN",
+    "MultiCrafterWeights",
+    "check_against_model",
+    "load_balancing_loss",
+    "load_multicrafter_weights",
+    "save_multicrafter_weights",
     "Layout",
     "Region",
     "Subject",
