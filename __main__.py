@@ -17,9 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("name", nargs="?", default="layout_preview", help="workflow in workflows/api (default: %(default)s)")
     run.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: %(default)s)")
     from .scoring.cli import add_eval_parser
+    from .train.cli import add_commands, run_command
 
     add_eval_parser(commands)
-    args = parser.parse_args(argv)
+    add_commands(commands)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("train", "data"):
+        return run_command(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "run-workflow":
         from .headless import run_workflow_to_files

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 PATCH = 2  # Flux patchifies latents in 2x2 patches
@@ -75,6 +76,20 @@ def reference_size(height: int, width: int, long_side: int, keep_aspect: bool) -
     return (long_side, short) if height >= width else (short, long_side)
 
 
+def resize_reference(image: Tensor, height: int, width: int) -> Tensor:
+    """Resize one RGB reference image (antialiased bicubic), values kept in [0, 1].
+
+    Shapes:
+        image: (H, W, 3) float in [0, 1]
+        returns (height, width, 3)
+    """
+    if tuple(image.shape[:2]) == (height, width):
+        return image
+    chw = image.permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
+    out = F.interpolate(chw, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).clamp(0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class FluxReferences:
     """The references appended to a conditioning (the ``MS_FLUX_REFERENCES`` socket value).
@@ -86,8 +101,11 @@ class FluxReferences:
     latent_sizes: tuple[tuple[int, int], ...]
     subject_index: tuple[int, ...]  # which subject each reference belongs to
     labels: tuple[str, ...]  # one per subject
+    priorities: tuple[int, ...] = ()  # one per subject (overlap order for layouts); () = all 0
 
     def __post_init__(self) -> None:
+        if self.priorities and len(self.priorities) != len(self.labels):
+            raise ValueError(f"{len(self.priorities)} priorities for {len(self.labels)} subjects")
         if len(self.latent_sizes) != len(self.subject_index):
             raise ValueError(
                 f"{len(self.latent_sizes)} reference sizes but {len(self.subject_index)} subject indices; one each"

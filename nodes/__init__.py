@@ -6,6 +6,8 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
+from .moe_lora import LoadMoELoRA
+from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
 from .scoring import ScoreIdentity
 from .subjects import SubjectNode
 
@@ -15,6 +17,10 @@ NODES: list[type[io.ComfyNode]] = [
     LayoutFromMasks,
     PreviewLayout,
     LayoutToMasks,
+    MultiCrafterReferences,
+    LoadMoELoRA,
+    ApplyMultiCrafter,
+    MultiCrafterAttentionMaps,
     ScoreIdentity,
 ]
 

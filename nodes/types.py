@@ -12,6 +12,7 @@ CATEGORY = "multisubject"
 
 SUBJECTS = io.Custom(f"{PREFIX}SUBJECTS")  # attention.Subjects: ordered subject records
 LAYOUT = io.Custom(f"{PREFIX}LAYOUT")  # attention.Layout: canvas + one region per subject
+FLUX_REFERENCES = io.Custom(f"{PREFIX}FLUX_REFERENCES")  # attention.unope.FluxReferences: refs appended to a cond
 
 
 def mask_batch(mask):

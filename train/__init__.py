@@ -1,9 +1,12 @@
-"""Headless trainers for MultiCrafter (imports ``attention/``, never ``nodes/``).
+"""Headless trainers for multisubject. Imports ``attention/``, never ``nodes/``; the only module that
+imports ComfyUI is ``train/comfy_backend.py`` (the model backend).
 
-Shape legend (used in every ``Shapes:`` block of this package):
-    B   batch (trajectories)       S   subjects
-    G   group size (images per prompt group in GSPO)
-    K   denoising steps in a trajectory
-    W   steps inside the SDE window
-    C   latent channels            h, w  latent height / width
+Shape legend (same letters as ``attention/``):
+    B   batch                      S   subjects
+    H   heads (in attention code)  D   head dim
+    L   image tokens (= h * w)     N   joint tokens (T_txt + L + refs)
+    h, w  token-grid height/width  C   latent channels
+    T_txt text tokens              E   MoE experts
+    G   group size (IPPO: images per prompt group)
+    K   denoising steps of a rollout   W   steps inside the SDE window
 """

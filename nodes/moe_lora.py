@@ -1,0 +1,92 @@
+"""Load MultiCrafter weights: MoE-LoRA branches on the FFNs (object patches) + the plain attention LoRA."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..attention.moe_lora import MoELoRAFFN
+from ..attention.weights import LORA_PREFIX, check_against_model, load_multicrafter_weights, to_state_dict
+from .multicrafter import require_flux
+from .types import CATEGORY, PREFIX
+
+FOLDER = "loras"  # MultiCrafter files live next to other LoRAs (models/loras)
+
+
+def _features(model, path: str, is_ffn: bool) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear, or of an FFN (first and last Linear); None if absent."""
+    try:
+        module = model.get_model_object(f"diffusion_model.{path}")
+    except AttributeError:
+        return None
+    if isinstance(module, MoELoRAFFN):
+        raise ValueError(
+            f"{path} already carries a MoE-LoRA (a MultiCrafter loader ran before this one); load one MultiCrafter "
+            "file per model"
+        )
+    if is_ffn:
+        linears = [m for m in module.children() if hasattr(m, "in_features")]
+        return (linears[0].in_features, linears[-1].out_features) if linears else None
+    return (module.in_features, module.out_features) if hasattr(module, "in_features") else None
+
+
+def apply_multicrafter_weights(model, weights, strength: float, attention_strength: float):
+    """A clone of ``model`` with the MoE-LoRA wrappers (object patches) and the attention LoRA (weight patches)."""
+    import comfy.sd
+
+    diffusion_model = require_flux(model, "Load MultiCrafter MoE-LoRA")
+    features = {}
+    for path in weights.moe:
+        found = _features(model, path, is_ffn=True)
+        if found is not None:
+            features[path] = found
+    for path in weights.lora:
+        found = _features(model, path, is_ffn=False)
+        if found is not None:
+            features[path] = found
+    check_against_model(weights, features, f"this FLUX model (hidden {diffusion_model.hidden_size}, "
+                                           f"{len(diffusion_model.double_blocks)} double blocks)")
+    m = model.clone()
+    for path, experts in weights.moe.items():
+        name = f"diffusion_model.{path}"
+        m.add_object_patch(name, MoELoRAFFN(m.get_model_object(name), experts.to_module(weights.moe_config), strength))
+    if weights.lora and attention_strength != 0.0:
+        tensors, _ = to_state_dict(weights)
+        lora_sd = {k: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+        m, _ = comfy.sd.load_lora_for_models(m, None, lora_sd, attention_strength, 0.0)  # the stock LoraLoader path
+    return m
+
+
+class LoadMoELoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        return io.Schema(
+            node_id=f"{PREFIX}LoadMoELoRA",
+            display_name="Load MultiCrafter MoE-LoRA (FLUX)",
+            category=f"{CATEGORY}/multicrafter",
+            description=(
+                "Loads a MultiCrafter weight file (models/loras): adds the routed MoE-LoRA experts to the FFNs and "
+                "applies the file's attention LoRA. The router depends on each token, so the experts run at "
+                "inference time and cannot be merged into the weights."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 model."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A MultiCrafter .safetensors file in models/loras (format multisubject."
+                               "multicrafter v1)."),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
+                               tooltip="Multiplier of the MoE-LoRA experts' output; 0 = FFNs unchanged."),
+                io.Float.Input("attention_strength", default=1.0, min=-2.0, max=2.0, step=0.05,
+                               tooltip="Strength of the file's plain attention LoRA; set 0 if you load the same file "
+                               "with ComfyUI's LoraLoader instead."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength, attention_strength) -> io.NodeOutput:
+        import folder_paths
+
+        weights = load_multicrafter_weights(folder_paths.get_full_path_or_raise(FOLDER, lora_name))
+        return io.NodeOutput(apply_multicrafter_weights(model, weights, float(strength), float(attention_strength)))

@@ -1,0 +1,432 @@
+"""MultiCrafter on FLUX: references (UnoPE), layout-guided reference attention, attention maps.
+
+The Flux-specific math lives in ``attention/unope.py``, ``attention/reference_attention.py`` and
+``attention/attention_maps.py``; this module adapts it to ComfyUI:
+
+* a ``DIFFUSION_MODEL`` wrapper reads the token layout ``[txt | img | refs]`` of every model call
+  from its inputs (``context``, ``x``, ``ref_latents``) and hands it, with a per-call attention
+  counter, to the attention override through the per-call ``transformer_options``;
+* an ``optimized_attention_override`` adds the layout bias (cached per layout/dtype/device) and/or
+  records reference attention maps, then calls the next override in the chain or the backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..attention.attention_maps import DIRECTIONS, normalize_maps, reference_attention_maps
+from ..attention.layout import TokenGrid, composite_by_priority, region_token_masks
+from ..attention.reference_attention import (
+    BiasCache,
+    ReferenceAttentionConfig,
+    TokenLayout,
+    combine_with_mask,
+    reference_attention_bias,
+)
+from ..attention.unope import (
+    LATENT_CHANNELS,
+    PATCH,
+    REFERENCE_MULTIPLE_PX,
+    VAE_DOWNSCALE,
+    FluxReferences,
+    reference_size,
+    resize_reference,
+)
+from .types import CATEGORY, FLUX_REFERENCES, LAYOUT, PREFIX, SUBJECTS
+
+WRAPPER_KEY = "multisubject_multicrafter"
+OVERRIDE = "optimized_attention_override"
+
+
+def require_flux(model, node_name: str):
+    """The Flux diffusion model inside ``model``, or a TypeError naming what came instead."""
+    import comfy.ldm.flux.model
+
+    base = model.model
+    diffusion_model = base.diffusion_model
+    if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux) or diffusion_model.params.in_channels != LATENT_CHANNELS:
+        raise TypeError(
+            f"{node_name} needs a FLUX.1 model, but got {type(base).__name__} (diffusion model "
+            f"{type(diffusion_model).__name__}); load FLUX.1-dev/schnell with Load Diffusion Model"
+        )
+    return diffusion_model
+
+
+# references
+
+
+def encode_references(subjects, vae, long_side: int, keep_aspect: bool):
+    """VAE-encode every reference image of every subject. Returns latents (1, 16, h, w) and a FluxReferences."""
+    channels = getattr(vae, "latent_channels", None)
+    if channels != LATENT_CHANNELS:
+        raise ValueError(
+            f"MultiCrafter references need FLUX's VAE ({LATENT_CHANNELS} latent channels), but this VAE has {channels} "
+            "latent channels (SD1.5/SDXL VAEs have 4); connect the VAE loaded from FLUX's ae.safetensors"
+        )
+    if len(subjects) == 0:
+        raise ValueError("no subjects connected; chain at least one Subject node into subjects")
+    latents, sizes, owners = [], [], []
+    for j, subject in enumerate(subjects):
+        for image in subject.images:
+            height, width = reference_size(int(image.shape[0]), int(image.shape[1]), long_side, keep_aspect)
+            latent = vae.encode(resize_reference(image, height, width).unsqueeze(0))  # (1, 16, h, w)
+            latents.append(latent)
+            sizes.append((int(latent.shape[-2]), int(latent.shape[-1])))
+            owners.append(j)
+    refs = FluxReferences(tuple(sizes), tuple(owners), tuple(subjects.labels), tuple(subjects.priorities))
+    return latents, refs
+
+
+def attach_references(conditioning, latents, which: str):
+    import node_helpers
+
+    for _, options in conditioning:
+        if options.get("reference_latents"):
+            raise ValueError(
+                f"the {which} conditioning already carries {len(options['reference_latents'])} reference latent(s) "
+                "(from ReferenceLatent or another references node); connect the plain text conditioning so the "
+                "reference order matches the subjects"
+            )
+    return node_helpers.conditioning_set_values(
+        conditioning, {"reference_latents": list(latents), "reference_latents_method": "uxo"}
+    )
+
+
+class MultiCrafterReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}MultiCrafterReferences",
+            display_name="MultiCrafter References (FLUX)",
+            category=f"{CATEGORY}/multicrafter",
+            description=(
+                "Encodes every subject's reference image(s) with FLUX's VAE and appends them to both conditionings "
+                "as in-context tokens with UNO's diagonal position offsets (UnoPE, ComfyUI's 'uxo' method)."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Text conditioning (after FluxGuidance) that gets the references."),
+                io.Conditioning.Input(
+                    "negative",
+                    tooltip="Negative conditioning; it gets the same references, so cond and uncond batch together "
+                    "and CFG compares like with like.",
+                ),
+                SUBJECTS.Input("subjects", tooltip="The subjects, in order; each reference image becomes one reference."),
+                io.Vae.Input("vae", tooltip="FLUX's VAE (16 latent channels)."),
+                io.Int.Input(
+                    "reference_size", default=320, min=REFERENCE_MULTIPLE_PX, max=2048, step=REFERENCE_MULTIPLE_PX,
+                    tooltip="Long side of each reference in pixels, a multiple of 16. MultiCrafter and UNO use 320 "
+                    "for several subjects (400 tokens each); larger costs attention time quadratically.",
+                ),
+                io.Boolean.Input(
+                    "keep_aspect", default=False,
+                    tooltip="Off: references become reference_size square (as trained). On: keep each image's aspect "
+                    "ratio, short side rounded to a multiple of 16.",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+                FLUX_REFERENCES.Output(display_name="references"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, subjects, vae, reference_size, keep_aspect) -> io.NodeOutput:
+        latents, refs = encode_references(subjects, vae, int(reference_size), bool(keep_aspect))
+        return io.NodeOutput(
+            attach_references(positive, latents, "positive"), attach_references(negative, latents, "negative"), refs
+        )
+
+
+# the patch: wrapper + attention override
+
+
+class _FluxCall:
+    """State of one Flux forward: its token layout and how many attention calls it has made."""
+
+    def __init__(self, layout: TokenLayout, latent_hw: tuple[int, int], active: bool) -> None:
+        self.layout = layout
+        self.latent_hw = latent_hw
+        self.active = active
+        self.attention_calls = 0
+
+
+class AttentionRecorder:
+    """Sums per-subject reference attention maps over the attention calls it is shown."""
+
+    def __init__(self, direction: str, include_single_blocks: bool) -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        self.direction = direction
+        self.include_single_blocks = include_single_blocks
+        self.total: torch.Tensor | None = None  # (B, S, L)
+        self.count = 0
+        self.image_grid: tuple[int, int] | None = None
+
+    def add(self, maps: torch.Tensor, image_grid: tuple[int, int]) -> None:
+        maps = maps.detach().float().cpu()
+        if self.total is not None and self.total.shape != maps.shape:
+            raise RuntimeError(
+                f"attention maps changed shape during one capture ({tuple(self.total.shape)} -> {tuple(maps.shape)})"
+            )
+        self.total = maps if self.total is None else self.total + maps
+        self.image_grid = image_grid
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        """Shapes: returns (B, S, h, w) normalised to [0, 1] per sample and subject."""
+        if self.total is None or self.image_grid is None:
+            raise RuntimeError(
+                "no attention was recorded: the model ran without reference tokens; connect the positive output "
+                "of MultiCrafter References"
+            )
+        maps = normalize_maps(self.total / self.count)
+        return maps.view(*maps.shape[:2], *self.image_grid)
+
+
+class FluxReferencePatch:
+    """Wrapper + attention override shared by Apply MultiCrafter (layout bias) and the attention-map node (recorder).
+
+    Stored in ``model_options`` (deep-copied on every clone), so it returns itself from ``__deepcopy__``: the
+    bias cache and the recorder stay shared by the clones of one node's output.
+    """
+
+    def __init__(self, refs: FluxReferences, depth: int, *, layout=None, config: ReferenceAttentionConfig | None = None,
+                 sigma_range: tuple[float, float] = (math.inf, 0.0), recorder: AttentionRecorder | None = None,
+                 previous_override=None) -> None:
+        self.refs = refs
+        self.depth = depth
+        self.layout = layout
+        self.config = config
+        self.sigma_start, self.sigma_end = sigma_range
+        self.recorder = recorder
+        self.previous_override = previous_override
+        self.key = f"{WRAPPER_KEY}_{id(self)}"
+        self.cache = BiasCache()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def install(self, model):
+        """Put this patch on ``model`` (already a clone)."""
+        import comfy.patcher_extension
+
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
+        model.model_options.setdefault("transformer_options", {})[OVERRIDE] = self
+        return model
+
+    # DIFFUSION_MODEL wrapper: Flux.forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options)
+    def wrapper(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                transformer_options=None, **kwargs):
+        if not ref_latents:
+            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+        latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        layout = TokenLayout.from_latents(int(context.shape[1]), latent_hw,
+                                          [(int(r.shape[-2]), int(r.shape[-1])) for r in ref_latents])
+        layout.subject_key_mask(self.refs.subject_index, self.refs.num_subjects)  # raises on a count mismatch
+        options = dict(transformer_options or {})
+        sigmas = options.get("sigmas", timestep)
+        sigma = float(torch.as_tensor(sigmas).max())
+        active = self.config is not None and self.sigma_end <= sigma <= self.sigma_start
+        options[self.key] = _FluxCall(layout, latent_hw, active)
+        return executor(x, timestep, context, y, guidance, ref_latents, control, options, **kwargs)
+
+    def _allowed(self, call: _FluxCall) -> torch.Tensor:
+        self.layout.check_aspect(*call.latent_hw, what="latent")
+        grid = TokenGrid.from_latent(*call.latent_hw, downscale=PATCH)
+        masks = region_token_masks(self.layout, grid)
+        return composite_by_priority(masks, list(self.refs.priorities) or None).exclusive  # (S, h, w)
+
+    # optimized_attention_override(func, q, k, v, heads, mask=..., skip_reshape=True, transformer_options=...)
+    def __call__(self, func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        call = options.get(self.key)
+        if call is not None:
+            q = args[0]
+            block = options.get("block_type")
+            is_double = block == "double" if block is not None else call.attention_calls < self.depth
+            call.attention_calls += 1
+            if q.shape[2] != call.layout.total:
+                lay = call.layout
+                raise RuntimeError(
+                    f"MultiCrafter: an attention call sees {q.shape[2]} tokens, but text {lay.num_txt} + image "
+                    f"{lay.num_img} + references {lay.total - lay.num_txt - lay.num_img} = {lay.total}; another "
+                    "patch changed the token sequence (e.g. a post_input patch), so the references cannot be located"
+                )
+            if call.active and self.layout is not None:
+                key = (call.layout, call.latent_hw, q.dtype, q.device)
+                bias = self.cache.get(key, lambda: reference_attention_bias(
+                    call.layout, self._allowed(call), self.refs.subject_index,
+                    self.config.blocked_value(q.dtype), q.dtype, q.device))
+                kwargs["mask"] = combine_with_mask(bias, kwargs.get("mask"))
+            if self.recorder is not None and (is_double or self.recorder.include_single_blocks):
+                func = self._recording(func, call)
+        if self.previous_override is not None:
+            return self.previous_override(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _recording(self, func, call: _FluxCall):
+        """``func`` that first records maps with the final mask (after every override in the chain)."""
+
+        def record_then_attend(q, k, v, heads, *rest, **kw):
+            with torch.no_grad():
+                maps = reference_attention_maps(q, k, call.layout, self.refs.subject_index, self.refs.num_subjects,
+                                                self.recorder.direction, bias=kw.get("mask"))
+            self.recorder.add(maps, call.layout.image_grid)
+            return func(q, k, v, heads, *rest, **kw)
+
+        return record_then_attend
+
+
+def _install(model, refs: FluxReferences, node_name: str, **patch_options):
+    diffusion_model = require_flux(model, node_name)
+    m = model.clone()
+    previous = m.model_options.get("transformer_options", {}).get(OVERRIDE)
+    patch = FluxReferencePatch(refs, diffusion_model.params.depth, previous_override=previous, **patch_options)
+    return patch.install(m), patch
+
+
+class ApplyMultiCrafter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}ApplyMultiCrafter",
+            display_name="Apply MultiCrafter (FLUX)",
+            category=f"{CATEGORY}/multicrafter",
+            description=(
+                "Prepares a FLUX model for MultiCrafter references. With a layout, image tokens outside a subject's "
+                "region are kept from attending to that subject's reference tokens (beyond the paper, which needs "
+                "no layout). Load the MultiCrafter weights before this node."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 model (with the MultiCrafter MoE-LoRA loaded)."),
+                FLUX_REFERENCES.Input("references", tooltip="The references output of MultiCrafter References."),
+                LAYOUT.Input("layout", optional=True,
+                             tooltip="Optional: one box or mask per subject, in subject order. Without it the model "
+                             "places subjects itself, as in the paper."),
+                io.Float.Input(
+                    "strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                    tooltip="How strongly tokens outside a subject's region are kept off its references: 1 = hard "
+                    "block; below 1 = additive bias log(1 - strength), scaling those attention weights by "
+                    "(1 - strength); 0 = off.",
+                ),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where in the schedule layout masking starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where layout masking stops (1 = last step)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, references, strength, start_percent, end_percent, layout=None) -> io.NodeOutput:
+        config = ReferenceAttentionConfig(float(strength), float(start_percent), float(end_percent))
+        require_flux(model, "Apply MultiCrafter")
+        if layout is not None:
+            layout.check_subject_count(references.num_subjects)
+        sampling = model.get_model_object("model_sampling")
+        sigma_range = (sampling.percent_to_sigma(config.start_percent), sampling.percent_to_sigma(config.end_percent))
+        patched, _ = _install(model, references, "Apply MultiCrafter", layout=layout, config=config,
+                              sigma_range=sigma_range)
+        return io.NodeOutput(patched)
+
+
+# attention maps
+
+HEAT_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.35, 0.05, 0.55], [0.85, 0.2, 0.3], [1.0, 0.65, 0.0], [1.0, 1.0, 0.7]])
+
+
+def heat_colours(values: torch.Tensor) -> torch.Tensor:
+    """Black -> purple -> red -> orange -> pale yellow. Shapes: (...) in [0, 1] -> (..., 3)."""
+    pos = values.clamp(0, 1) * (len(HEAT_COLOURS) - 1)
+    low = pos.floor().long().clamp(max=len(HEAT_COLOURS) - 2)
+    frac = (pos - low).unsqueeze(-1)
+    return HEAT_COLOURS[low] * (1 - frac) + HEAT_COLOURS[low + 1] * frac
+
+
+def parse_percents(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {text!r}") from None
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {text!r}")
+    return values
+
+
+def maps_to_pixels(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Token maps to pixels (each token covers 16x16 px; Flux pads odd latents, the pad is cut off).
+
+    Shapes: maps (B, S, h, w) -> (B, S, height, width)
+    """
+    cell = VAE_DOWNSCALE * PATCH
+    return maps.repeat_interleave(cell, -2).repeat_interleave(cell, -1)[..., :height, :width]
+
+
+class MultiCrafterAttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}MultiCrafterAttentionMaps",
+            display_name="MultiCrafter Attention Maps (FLUX)",
+            category=f"{CATEGORY}/multicrafter",
+            description=(
+                "Shows where each subject's references attend in the image: re-noises the latent at the chosen "
+                "points of the schedule, runs the model once per point and averages each subject's reference<->image "
+                "attention over the double blocks. Bleeding shows up as heat outside a subject's place."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for sampling (after Apply MultiCrafter)."),
+                io.Conditioning.Input("positive", tooltip="The positive output of MultiCrafter References."),
+                io.Latent.Input("latent", tooltip="The sampled latent (KSampler output) to probe."),
+                FLUX_REFERENCES.Input("references", tooltip="The references output of MultiCrafter References."),
+                io.String.Input("at_percent", default="0.25, 0.5, 0.75",
+                                tooltip="Points of the schedule to probe, comma separated, each in [0, 1) "
+                                "(0 = first step, pure noise). Maps are averaged over them."),
+                io.Combo.Input("direction", options=list(DIRECTIONS), default=DIRECTIONS[0],
+                               tooltip="reference_to_image: where each subject's reference tokens look (IDAR's map). "
+                               "image_to_reference: how much each image token looks at each subject."),
+                io.Boolean.Input("include_single_blocks", default=False,
+                                 tooltip="Also average over the single-stream blocks (the paper uses double blocks)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the re-noising."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Optional decoded image (same size) to draw the heatmaps over."),
+            ],
+            outputs=[io.Image.Output(display_name="heatmaps"), io.Mask.Output(display_name="masks")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, references, at_percent, direction, include_single_blocks, seed,
+                image=None) -> io.NodeOutput:
+        import comfy.sample
+        import comfy.samplers
+
+        percents = parse_percents(at_percent)
+        recorder = AttentionRecorder(direction, bool(include_single_blocks))
+        patched, _ = _install(model, references, "MultiCrafter Attention Maps", recorder=recorder)
+        latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
+        noise = comfy.sample.prepare_noise(latent_image, seed)
+        sampling = patched.get_model_object("model_sampling")
+        euler = comfy.samplers.sampler_object("euler")
+        for percent in percents:
+            sigmas = torch.tensor([min(sampling.percent_to_sigma(percent), float(sampling.sigma_max)), 0.0])
+            comfy.sample.sample_custom(patched, noise, 1.0, euler, sigmas, positive, positive, latent_image,
+                                       disable_pbar=True, seed=seed)
+        maps = recorder.result()  # (B, S, h, w)
+        height, width = latent_image.shape[-2] * VAE_DOWNSCALE, latent_image.shape[-1] * VAE_DOWNSCALE
+        pixels = maps_to_pixels(maps, height, width).flatten(0, 1)  # (B*S, H, W) batch-major
+        heat = heat_colours(pixels)
+        if image is not None:
+            if tuple(image.shape[1:3]) != (height, width):
+                raise ValueError(
+                    f"image is {image.shape[2]}x{image.shape[1]} but the latent decodes to {width}x{height}; connect "
+                    "the VAE Decode output of the same latent"
+                )
+            base = image[..., :3].float().repeat_interleave(maps.shape[1], 0)
+            heat = base * 0.45 + heat * 0.55
+        return io.NodeOutput(heat, pixels, ui=ui.PreviewImage(heat, cls=cls))

@@ -1,0 +1,99 @@
+"""Stage-1 losses (pure torch): rectified-flow loss, the IDAR attention map and Dice loss.
+
+Spec: shared/docs/multicrafter.md §3 (IDAR). The Switch load-balancing loss is ``attention.moe_lora.load_balancing_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..attention.attention_maps import normalize_maps, reference_attention_maps
+from ..attention.reference_attention import TokenLayout
+
+
+def flow_loss(v_pred: Tensor, noise: Tensor, x0: Tensor) -> Tensor:
+    """Rectified-flow loss ``mean ||v_theta(x_t) - (noise - x0)||^2`` with ``x_t = (1-t) x0 + t noise`` (§3.1).
+
+    Shapes:
+        v_pred, noise, x0: (B, C, h, w); returns () float32
+    """
+    return F.mse_loss(v_pred.float(), (noise - x0).float())
+
+
+def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """``x_t = (1 - t) x0 + t noise``. Shapes: x0, noise (B, C, h, w); t (B,); returns (B, C, h, w)."""
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator, shift: bool = True) -> Tensor:
+    """t in (0, 1): uniform, then FLUX's resolution-dependent shift ``t' = e^mu / (e^mu + 1/t - 1)`` with
+    ``mu = lin(image_tokens; (256, 0.5), (4096, 1.15))`` (UNO train.py, §8.1).
+
+    Shapes:
+        returns (batch,) float32
+    """
+    t = torch.rand(batch, generator=generator).clamp(1e-4, 1 - 1e-4)
+    if not shift:
+        return t
+    mu = 0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256)
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def supervised_maps(q: Tensor, k: Tensor, layout: TokenLayout, use_checkpoint: bool = False) -> Tensor:
+    """One double block's reference->image map per subject (reference ``i`` = subject ``i``), computed by
+    ``attention.attention_maps.reference_attention_maps``: only the reference query rows are recomputed against all
+    keys, reusing the block's own post-RoPE q/k (no (N, N) matrix). With ``use_checkpoint`` the (B, H, rows, N)
+    probabilities are recomputed in backward instead of stored.
+
+    Shapes:
+        q, k: (B, H, N, D); returns (B, S, L) float32
+    """
+    num = len(layout.reference_grids)
+
+    def run(q: Tensor, k: Tensor) -> Tensor:
+        return reference_attention_maps(q, k, layout, list(range(num)), num, "reference_to_image")
+
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(run, q, k, use_reentrant=False)
+    return run(q, k)
+
+
+def dice_loss(pred: Tensor, mask: Tensor, eps: float = 1.0) -> Tensor:
+    """Per-subject Dice loss ``1 - (2 sum(p m) + eps) / (sum p + sum m + eps)`` (§3.1). Empty masks are finite
+    (the loss then pushes the map towards zero).
+
+    Shapes:
+        pred: (B, S, L) in [0, 1]; mask: (B, S, L) in {0, 1}
+        returns (B, S)
+    """
+    pred, mask = pred.float(), mask.float()
+    inter = (pred * mask).sum(-1)
+    return 1 - (2 * inter + eps) / (pred.sum(-1) + mask.sum(-1) + eps)
+
+
+def idar_loss(block_maps: list[Tensor], masks: Tensor, eps: float = 1.0, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """IDAR: mean the maps over blocks, min-max normalize, Dice against the token masks, sum over subjects,
+    mean over the batch. ``weights`` (B,) zeroes samples that skip IDAR (e.g. t above ``loss.idar_max_t``).
+
+    Shapes:
+        block_maps: list of (B, S, L); masks: (B, S, L)
+        returns (loss (), per-subject Dice score 1 - loss (B, S))
+    """
+    pred = normalize_maps(torch.stack(block_maps).mean(0))  # (B, S, L)
+    per_subject = dice_loss(pred, masks, eps)  # (B, S)
+    per_sample = per_subject.sum(-1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean(), (1 - per_subject).detach()
+
+
+def router_load(experts: Tensor, num_experts: int) -> Tensor:
+    """Share of routing slots per expert (for logging). Shapes: experts (T, k) long; returns (E,)."""
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+    return counts / counts.sum().clamp(min=1)
