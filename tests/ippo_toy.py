@@ -69,7 +69,12 @@ def box_brightness(inputs: RewardInputs) -> Tensor:
     """Mean brightness of each image inside its first subject's box (the toy reward)."""
     out = []
     for image, layout in zip(inputs.images, inputs.layouts):
-        x0, y0, x1, y1 = layout.regions[0].box
+        x0, y0, x1, y1 = layout.regions[0].bounding_box()
         height, width = image.shape[:2]
         out.append(image[int(y0 * height):int(y1 * height), int(x0 * width):int(x1 * width)].mean())
     return torch.stack(out)
+
+
+def image_brightness(inputs: RewardInputs) -> Tensor:
+    """Mean brightness of each whole image (a toy reward every pixel contributes to)."""
+    return inputs.images.mean((1, 2, 3))

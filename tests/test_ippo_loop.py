@@ -15,6 +15,10 @@ GROUP = 8
 STEPS = 6
 
 
+def _gens(count: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 * seed + k) for k in range(count)]
+
+
 def _train(lr: float, iterations: int = 30) -> list[float]:
     policy = ToyPolicy(seed=0)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -27,7 +31,7 @@ def _train(lr: float, iterations: int = 30) -> list[float]:
     for it in range(iterations):
         groups = [toy_group(4 * it + k) for k in range(4)]
         out = ippo_iteration(policy, params, optimizer, groups, {"brightness": box_brightness}, {"brightness": 1.0},
-                             config, gspo, sigmas, window.steps(it), torch.Generator().manual_seed(it), micro_batch=16,
+                             config, gspo, sigmas, window.steps(it), _gens(4, it), micro_batch=16,
                              grad_clip=1.0)
         means.append(float(out.rewards.scores["brightness"].mean()))
     return means
@@ -53,7 +57,7 @@ def test_update_in_micro_batches_equals_the_full_batch_step():
         with torch.no_grad():
             policy.adapter[2].weight.normal_(0, 0.05)
         params = [p for p in policy.parameters() if p.requires_grad]
-        batch = rollout(policy, groups, config, sigmas, window, torch.Generator().manual_seed(0))
+        batch = rollout(policy, groups, config, sigmas, window, _gens(2))
         adv = torch.linspace(-1, 1, 8)
         optimizer = torch.optim.SGD(params, lr=1.0)
         update(policy, params, optimizer, batch, adv, 0.7, GSPOConfig(clip_range=0.1), micro_batch=micro)
@@ -65,7 +69,7 @@ def test_rollout_policy_ratio_is_one_at_the_update():
     policy = ToyPolicy(seed=2)
     params = [p for p in policy.parameters() if p.requires_grad]
     batch = rollout(policy, [toy_group(0)], RolloutConfig(group_size=4), sigma_schedule(4), (0, 1),
-                    torch.Generator().manual_seed(0))
+                    _gens(1))
     stats = update(policy, params, torch.optim.SGD(params, lr=0.0), batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), 0.7,
                    GSPOConfig(), micro_batch=4)
     assert float(stats.ratio_min) == pytest.approx(1.0, abs=1e-6) and float(stats.ratio_max) == pytest.approx(1.0, abs=1e-6)
@@ -79,7 +83,7 @@ def test_constant_rewards_take_no_optimizer_step():
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)  # weight decay would move them on any step
     out = ippo_iteration(policy, params, optimizer, [toy_group(0)], {"c": lambda i: torch.ones(len(i.prompts))},
                          {"c": 1.0}, RolloutConfig(group_size=4), GSPOConfig(), sigma_schedule(4), (0, 1),
-                         torch.Generator().manual_seed(0), micro_batch=4)
+                         _gens(1), micro_batch=4)
     assert out.loss is None and torch.equal(out.advantages, torch.zeros(4))
     assert all(torch.equal(a, b) for a, b in zip(before, params))
     assert set(out.seconds) == {"rollout", "reward", "update"}
@@ -88,7 +92,7 @@ def test_constant_rewards_take_no_optimizer_step():
 def test_same_noise_per_group_starts_a_group_from_one_latent():
     policy = ToyPolicy(seed=4)
     batch = rollout(policy, [toy_group(0), toy_group(1)], RolloutConfig(group_size=3, same_noise_per_group=True),
-                    sigma_schedule(4), (2,), torch.Generator().manual_seed(0))
+                    sigma_schedule(4), (2,), _gens(2))
     first = batch.trajectory.latents[:, 0]  # x entering step 2, before any SDE noise: deterministic per start
     torch.testing.assert_close(first[0], first[2])
     assert not torch.allclose(first[0], first[3])
@@ -116,3 +120,12 @@ def test_rollout_grid_has_one_row_per_group_and_one_column_per_image():
     assert grid.getpixel((15, CAPTION_PX + 2 + 10)) == (0, 0, 0)
     with pytest.raises(ValueError, match="whole groups"):
         render_rollout_grid(images, {}, torch.zeros(6), 4)
+
+
+def test_a_group_samples_the_same_images_alone_or_batched_with_others():
+    policy = ToyPolicy(seed=5)
+    config, sigmas = RolloutConfig(group_size=3), sigma_schedule(4)
+    both = rollout(policy, [toy_group(0), toy_group(1)], config, sigmas, (1, 2), _gens(2))
+    second = rollout(policy, [toy_group(1)], config, sigmas, (1, 2), _gens(2)[1:])
+    torch.testing.assert_close(both.images[3:], second.images)
+    torch.testing.assert_close(both.trajectory.log_probs[3:], second.trajectory.log_probs)

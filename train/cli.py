@@ -12,6 +12,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train_cmds = train.add_subparsers(dest="trainer", required=True)
     idar = train_cmds.add_parser("idar", help="MultiCrafter stage 1: flow + IDAR Dice loss, MoE-LoRA + attention LoRA")
     idar.add_argument("--config", type=Path, help="TOML config; further --section.key=value arguments override it")
+    ippo = train_cmds.add_parser("ippo", help="MultiCrafter stage 2: online RL (GSPO) with the Multi-ID, CLIP and HPSv2 rewards")
+    ippo.add_argument("--config", type=Path, help="TOML config; further --section.key=value arguments override it")
     export = train_cmds.add_parser("export", help="export a checkpoint's adapters as a MultiCrafter weight file")
     export.add_argument("--config", type=Path, required=True)
     export.add_argument("--checkpoint", type=Path, required=True, help="a folder <out_dir>/checkpoints/step_<N>")
@@ -58,10 +60,9 @@ def _data(args, extra: list[str]) -> int:
         print(f"preview: {preview}")
         return 1 if report.problems else 0
     from .cache import TinyEncoder, build_cache, file_hash
-    from .config import load_config
     from .data import read_manifest
 
-    cfg = load_config(args.config, extra)
+    cfg = load_any_config(args.config, extra)
     rows = read_manifest(cfg.data.manifest)
     if cfg.model.tiny:
         encoder = TinyEncoder(cfg.model.tiny_context_dim, cfg.model.tiny_vec_dim)
@@ -76,12 +77,47 @@ def _data(args, extra: list[str]) -> int:
 
 
 def _train(args, extra: list[str]) -> int:
-    from .config import load_config
+    from .config import IDARConfig
     from .idar import export_checkpoint, train_idar
 
-    cfg = load_config(args.config, extra)
+    if args.trainer == "ippo":
+        from .ippo_config import load_ippo_config
+        from .ippo_trainer import train_ippo
+
+        print(train_ippo(load_ippo_config(args.config, extra)))
+        return 0
+    cfg = load_any_config(args.config, extra)
     if args.trainer == "export":
+        if not isinstance(cfg, IDARConfig):
+            from .ippo_trainer import export_ippo_checkpoint
+
+            print(export_ippo_checkpoint(cfg, args.checkpoint, args.out))
+            return 0
         print(export_checkpoint(cfg, args.checkpoint, args.out))
         return 0
     print(train_idar(cfg))
     return 0
+
+
+IPPO_SECTIONS = ("init", "sampler", "gspo", "reward")  # sections only the IPPO config has
+
+
+def load_any_config(path: Path | None, extra: list[str]):
+    """The IDAR or the IPPO config, whichever the file (or the overrides) describe: an IPPO config is one with any
+    of the sections ``IPPO_SECTIONS``."""
+    import tomllib
+
+    from .config import load_config
+    from .ippo_config import load_ippo_config
+
+    sections = set()
+    if path is not None and Path(path).is_file():
+        with open(path, "rb") as fh:
+            try:
+                sections = set(tomllib.load(fh))
+            except tomllib.TOMLDecodeError:
+                pass  # the loader reports it
+    sections |= {item.lstrip("-").split(".")[0] for item in extra}
+    if sections & set(IPPO_SECTIONS):
+        return load_ippo_config(path, extra)
+    return load_config(path, extra)

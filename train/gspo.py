@@ -31,8 +31,8 @@ class GSPOConfig:
 
     clip_range: float = 1e-4  # β: the sequence ratio is clipped to [1 − β, 1 + β] (per-element-mean log-probs)
     kl_coef: float = 0.0  # weight of MixGRPO's approximate KL 0.5·(log π − log π_old)²; 0 = off (GSPO default)
-    advantage_clamp: float | None = 5.0  # clamp A to ±this (MixGRPO adv_clip_max); None = off
-    aggregation: RewardAggregation = RewardAggregation.SUM_THEN_NORMALIZE  # see RewardAggregation
+    advantage_clamp: float = 5.0  # clamp A to ±this (MixGRPO adv_clip_max); 0 = off
+    aggregation: str = "sum_then_normalize"  # sum_then_normalize (Eq. 11) | normalize_then_sum (see RewardAggregation)
 
     def __post_init__(self) -> None:
         problems = []
@@ -40,8 +40,8 @@ class GSPOConfig:
             problems.append(f"clip_range must be in (0, 1), got {self.clip_range}")
         if self.kl_coef < 0:
             problems.append(f"kl_coef must be >= 0 (0 turns the KL term off), got {self.kl_coef}")
-        if self.advantage_clamp is not None and self.advantage_clamp <= 0:
-            problems.append(f"advantage_clamp must be > 0 or None (off), got {self.advantage_clamp}")
+        if self.advantage_clamp < 0:
+            problems.append(f"advantage_clamp must be >= 0 (0 turns the clamp off), got {self.advantage_clamp}")
         try:
             object.__setattr__(self, "aggregation", RewardAggregation(self.aggregation))
         except ValueError:

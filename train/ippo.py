@@ -101,20 +101,26 @@ def rollout(
     config: RolloutConfig,
     sigmas: Tensor,
     window: Sequence[int],
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     device: torch.device | str = "cpu",
 ) -> Rollout:
-    """Sample G images per prompt group with the policy in eval mode, recording the window steps' log-probs."""
+    """Sample G images per prompt group with the policy in eval mode, recording the window steps' log-probs.
+
+    Group g's randomness (initial noise, SDE noise) comes from ``generators[g]`` alone, so a group samples the same
+    images however the groups are split over ranks.
+    """
     shapes = {policy.latent_shape(g) for g in groups}
     if len(shapes) != 1:
         raise ValueError(f"prompt groups of one rollout batch must share a latent size, got {sorted(shapes)}")
-    shape = shapes.pop()
-    batch = len(groups) * config.group_size
-    if config.same_noise_per_group:
-        noise = torch.randn((len(groups), 1, *shape), generator=generator).expand(-1, config.group_size, *shape)
-        noise = noise.reshape(batch, *shape)
-    else:
-        noise = torch.randn((batch, *shape), generator=generator)
+    if len(generators) != len(groups):
+        raise ValueError(f"expected one generator per prompt group ({len(groups)}), got {len(generators)}")
+    shape, size, steps = shapes.pop(), config.group_size, len(window)
+    noise, step_noise = [], []
+    for gen in generators:
+        first = torch.randn((1 if config.same_noise_per_group else size, *shape), generator=gen)
+        noise.append(first.expand(size, *shape))  # (G, C, h, w)
+        step_noise.append(torch.randn((steps, size, *shape), generator=gen))  # (W, G, C, h, w)
+    noise, step_noise = torch.cat(noise), torch.cat(step_noise, 1)  # (B, C, h, w), (W, B, C, h, w)
     cond = policy.condition(groups, config.group_size)
     was_training = policy.training
     policy.eval()
@@ -122,7 +128,7 @@ def rollout(
         with torch.no_grad():
             trajectory = sample_trajectory(
                 lambda x, s: policy.velocity(x, s, cond), noise.to(device), sigmas, window, config.noise_level,
-                generator=generator,
+                step_noise=step_noise.to(device),
             )
             images = policy.decode(trajectory.final)
     finally:
@@ -143,7 +149,7 @@ def score(rollout: Rollout, rewards: dict[str, Reward], group_size: int) -> Rewa
 
 def advantages(result: RewardResult, weights: dict[str, float], group_size: int, gspo: GSPOConfig) -> Tensor:
     """Group-normalized advantages (B,) from the per-reward scores, aggregated as configured."""
-    return reward_advantages(result.scores, weights, group_size, gspo.aggregation, gspo.advantage_clamp)
+    return reward_advantages(result.scores, weights, group_size, gspo.aggregation, gspo.advantage_clamp or None)
 
 
 def select_trajectory(trajectory: Trajectory, index: Tensor) -> Trajectory:
@@ -234,7 +240,7 @@ def ippo_iteration(
     gspo: GSPOConfig,
     sigmas: Tensor,
     window: Sequence[int],
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     micro_batch: int,
     grad_clip: float = 0.0,
     device: torch.device | str = "cpu",
@@ -247,7 +253,7 @@ def ippo_iteration(
     takes the same decision about the optimizer step.
     """
     clock = _Clock(device)
-    batch = rollout(policy, groups, rollout_config, sigmas, window, generator, device)
+    batch = rollout(policy, groups, rollout_config, sigmas, window, generators, device)
     clock.lap("rollout")
     result = score(batch, rewards, rollout_config.group_size)
     clock.lap("reward")

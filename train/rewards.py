@@ -10,6 +10,7 @@ Extra rewards (tests, experiments) are passed in by name. Heavy packages are imp
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class RewardConfig:
     face_pack: str = "antelopev2"  # multi_id faces: insightface pack name
     object_model_dir: str = ""  # multi_id objects: HF DINOv2 (or CLIP) folder; "" = no object scoring
     device: str = ""  # device of the reward models; "" = cuda when available, else cpu
+    # extra rewards, each "name=package.module:function" with function(RewardInputs) -> (B,) scores; weight them
+    # in `weights` like the built-ins (e.g. a toy reward in tests, or your own aesthetic model)
+    plugins: tuple[str, ...] = ()
+    use_layout: bool = False  # give rewards each prompt's layout (from its manifest masks); off: no layout
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", MappingProxyType({str(k): float(v) for k, v in dict(self.weights).items()}))
@@ -80,6 +85,11 @@ class RewardConfig:
             raise ValueError(f"reward weights must be >= 0 (0 turns a reward off), got {bad}")
         if not any(v > 0 for v in self.weights.values()):
             raise ValueError(f"at least one reward needs a positive weight, got {dict(self.weights)}")
+
+        for entry in self.plugins:
+            name, _, target = entry.partition("=")
+            if not name or ":" not in target:
+                raise ValueError(f"reward plugin {entry!r} must look like name=package.module:function")
 
     def active(self) -> dict[str, float]:
         """Rewards with a positive weight."""
@@ -144,6 +154,7 @@ def _check_builtin_paths(config: RewardConfig, name: str) -> None:
 
 def build_rewards(config: RewardConfig, extra: Mapping[str, Reward] | None = None) -> dict[str, Reward]:
     """The weighted rewards, loaded from disk (built-ins) or taken from ``extra`` (name -> reward callable)."""
+    extra = {**load_plugins(config.plugins), **(extra or {})}
     check_reward_config(config, extra)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     builders = {"multi_id": _multi_id_reward, "clip_text": _clip_text_reward, "hpsv2": _hpsv2_reward}
@@ -151,6 +162,23 @@ def build_rewards(config: RewardConfig, extra: Mapping[str, Reward] | None = Non
     for name in config.active():
         rewards[name] = extra[name] if extra and name in extra else builders[name](config, device)
     return rewards
+
+
+def load_plugins(entries: Sequence[str]) -> dict[str, Reward]:
+    """``"name=package.module:function"`` entries -> reward callables (imported now, so typos fail at start)."""
+    out = {}
+    for entry in entries:
+        name, _, target = entry.partition("=")
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"reward plugin '{name}': cannot import {module_name} ({e}); check the module path "
+                             "and that it is on PYTHONPATH") from None
+        if not callable(getattr(module, attr, None)):
+            raise ValueError(f"reward plugin '{name}': {module_name} has no function '{attr}'")
+        out[name] = getattr(module, attr)
+    return out
 
 
 def _multi_id_reward(config: RewardConfig, device: str) -> Reward:

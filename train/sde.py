@@ -241,15 +241,18 @@ def sample_trajectory(
     noise_level: float,
     generator: torch.Generator | None = None,
     track_grad: bool = False,
+    step_noise: Tensor | None = None,
 ) -> Trajectory:
     """Denoise ``noise`` along ``sigmas``: SDE steps (with log-probs) at the ``window`` step indices, Euler elsewhere.
 
     Steps outside the window always run under ``no_grad``; window steps record gradients only with
     ``track_grad`` (the rollout itself never needs them: the update recomputes them with ``window_log_probs``).
+    The SDE noise ε of the window steps is ``step_noise`` when given, else drawn from ``generator``.
 
     Shapes:
         noise: (B, C, h, w) the initial latent at sigma = 1
         sigmas: (K + 1,) from ``sigma_schedule``
+        step_noise: (W, B, C, h, w), ε of each window step in increasing step order
         returns Trajectory with W = len(window)
     """
     num_steps = sigmas.numel() - 1
@@ -258,6 +261,8 @@ def sample_trajectory(
         raise ValueError(f"window steps must be distinct indices in [0, {num_steps - 1}], got {window}")
     if noise_level <= 0:
         raise ValueError(f"the SDE window needs noise_level > 0 for log-probs, got {noise_level}")
+    if step_noise is not None and tuple(step_noise.shape) != (len(window), *noise.shape):
+        raise ValueError(f"step_noise must be (W, B, C, h, w) = {(len(window), *noise.shape)}, got {tuple(step_noise.shape)}")
     sigma_values = [float(s) for s in sigmas]
     x = noise.to(_math_dtype(noise))
     latents, next_latents, log_probs = [], [], []
@@ -266,7 +271,10 @@ def sample_trajectory(
         if k in window:
             with torch.set_grad_enabled(track_grad):
                 v = velocity(x, _sigma_batch(sigma, x))
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                if step_noise is None:
+                    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                else:
+                    eps = step_noise[len(latents)].to(x)
                 step = sde_step(x, v, sigma, sigma_next, noise_level, sigma_values[1], noise=eps)
             latents.append(x.detach())
             next_latents.append(step.sample.detach())
