@@ -42,7 +42,7 @@ def run_command(args: argparse.Namespace, extra: list[str]) -> int:
         if args.command == "data":
             return _data(args, extra)
         return _train(args, extra)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
