@@ -38,7 +38,7 @@ def _train(lr: float, iterations: int = 30) -> list[float]:
 
 
 def test_it_learns_and_learning_rate_zero_does_not():
-    # measured (seeded, CPU): lr 3e-3 goes 0.506 -> 0.991 (mean of the last 5); lr 0 stays at 0.51 +- 0.01
+    # measured (seeded, CPU): lr 3e-3 goes 0.509 -> 0.970 (mean of the last 5); lr 0 stays within 0.504-0.521
     learned, frozen = _train(3e-3), _train(0.0)
     print("lr 3e-3:", [round(m, 3) for m in learned], "lr 0:", [round(m, 3) for m in frozen])
     assert learned[0] == frozen[0]  # same seeds: the first rollout is the same
