@@ -77,7 +77,6 @@ def _data(args, extra: list[str]) -> int:
 
 
 def _train(args, extra: list[str]) -> int:
-    from .config import IDARConfig
     from .idar import export_checkpoint, train_idar
 
     if args.trainer == "ippo":
@@ -86,16 +85,12 @@ def _train(args, extra: list[str]) -> int:
 
         print(train_ippo(load_ippo_config(args.config, extra)))
         return 0
-    cfg = load_any_config(args.config, extra)
-    if args.trainer == "export":
-        if not isinstance(cfg, IDARConfig):
-            from .ippo_trainer import export_ippo_checkpoint
-
-            print(export_ippo_checkpoint(cfg, args.checkpoint, args.out))
-            return 0
-        print(export_checkpoint(cfg, args.checkpoint, args.out))
+    if args.trainer == "export":  # IDAR or IPPO checkpoint: the same adapters, the same format
+        print(export_checkpoint(load_any_config(args.config, extra), args.checkpoint, args.out))
         return 0
-    print(train_idar(cfg))
+    from .config import load_config
+
+    print(train_idar(load_config(args.config, extra)))
     return 0
 
 

@@ -11,10 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from .config import DataConfig, LoRAConfig, ModelConfig, MoEConfig, OptimConfig, RunConfig, from_dict, parse_override
-from .config import to_dict as _to_dict
+from .config import DataConfig, LoRAConfig, ModelConfig, MoEConfig, OptimConfig, RunConfig, load_config, to_dict
 from .gspo import GSPOConfig
 from .rewards import RewardConfig
 from .sde import WindowSchedule
@@ -100,35 +97,9 @@ class IPPOConfig:
     run: IPPORunConfig = field(default_factory=IPPORunConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        out = _to_dict(self)
-        out["reward"]["weights"] = dict(self.reward.weights)
-        return out
+        return to_dict(self)
 
 
 def load_ippo_config(path: str | Path | None, overrides: list[str] = ()) -> IPPOConfig:
-    """TOML file (optional) + ``--section.key=value`` overrides -> validated ``IPPOConfig``."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        with open(path, "rb") as fh:
-            try:
-                raw = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"config file {path} is not valid TOML: {e}") from e
-    for item in overrides:
-        key, value = parse_override(item)
-        *sections, name = key.split(".")
-        node = raw
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[name] = value
-    reward = raw.get("reward", {})
-    weights = reward.pop("weights", None) if isinstance(reward, dict) else None
-    config = from_dict(IPPOConfig, raw)
-    if weights is not None:
-        if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) for v in weights.values()):
-            raise ValueError(f"config key 'reward.weights' must be a table of name = number, got {weights!r}")
-        config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, weights=weights))
-    return config
+    """TOML file (optional) + ``--section.key=value`` overrides -> validated ``IPPOConfig`` (see ``config.load_config``)."""
+    return load_config(path, overrides, cls=IPPOConfig)

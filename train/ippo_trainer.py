@@ -12,10 +12,8 @@ ranks (one optimizer step per iteration), and rewards are gathered only for logg
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +21,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .cache import LatentCache, TinyEncoder, file_hash
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import list_checkpoints, load_checkpoint, set_rng_state
 from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import DistInfo, average_gradients, barrier, setup_distributed, teardown_distributed
-from .idar import export_weights, load_trainable, lr_factor, sample_generator
+
+# the IDAR trainer's run bookkeeping is shared: data position, checkpoint choice and saving, TensorBoard + tqdm
+from .idar import Position, _observers, _resume_path, _save, export_weights, load_trainable, lr_factor, sample_generator
 from .ippo import IterationResult, PromptGroup, RolloutConfig, ippo_iteration
 from .ippo_config import IPPOConfig
 from .ippo_flux import FluxPolicy, TinyDecoder, load_prompt_groups, load_stage1_weights
@@ -74,13 +74,6 @@ def prompt_buckets(groups: list[PromptGroup]) -> dict[tuple, list[int]]:
     return buckets
 
 
-@dataclass
-class Position:
-    iteration: int = 0  # iterations done (= optimizer steps, skipped ones included)
-    epoch: int = 0
-    batch: int = 0  # global prompt batches of this epoch already consumed
-
-
 # the loop
 
 
@@ -119,16 +112,16 @@ def _train(cfg: IPPOConfig, info: DistInfo) -> Path:
         pos = Position(**state["position"])
         set_rng_state(state["rng"])
         if info.is_main:
-            log.info("resumed from %s at iteration %d", resume, pos.iteration)
+            log.info("resumed from %s at iteration %d", resume, pos.step)
 
     rollout_cfg = RolloutConfig(cfg.sampler.group_size, cfg.sampler.noise_level, cfg.sampler.same_noise_per_group)
     window = cfg.sampler.window()
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    writer, bar = _observers(cfg, info, out_dir, pos.iteration)
+    writer, bar = _observers(cfg, info, out_dir, pos.step, desc="ippo")
     epoch: tuple[int, list[list[int]]] = (-1, [])
     try:
-        while pos.iteration < cfg.run.max_steps and not stop["sigterm"]:
+        while pos.step < cfg.run.max_steps and not stop["sigterm"]:
             if epoch[0] != pos.epoch:
                 epoch = (pos.epoch, epoch_batches(buckets, global_groups, cfg.run.seed, pos.epoch))
             if pos.batch >= len(epoch[1]):
@@ -139,20 +132,20 @@ def _train(cfg: IPPOConfig, info: DistInfo) -> Path:
             sigmas = _sigmas(cfg, mine[0])
             result = ippo_iteration(
                 policy, params, optimizer, mine, rewards, weights, rollout_cfg, cfg.gspo, sigmas,
-                window.steps(pos.iteration), [sample_generator(cfg.run.seed, pos.iteration, k) for k in slots],
+                window.steps(pos.step), [sample_generator(cfg.run.seed, pos.step, k) for k in slots],
                 cfg.optim.micro_batch, cfg.optim.grad_clip, info.device,
                 sync_gradients=lambda ps: average_gradients(ps, info), any_rank=lambda flag: _any_rank(flag, info),
             )
             scheduler.step()
-            pos.iteration, pos.batch = pos.iteration + 1, pos.batch + 1
-            _log(writer, bar, result, scheduler.get_last_lr()[0], pos.iteration, cfg, info)
-            if cfg.run.sample_every and pos.iteration % cfg.run.sample_every == 0 and info.is_main:
-                _preview(result, mine, cfg, out_dir / "samples" / f"iter_{pos.iteration:08d}.png")
-            if cfg.run.save_every and pos.iteration % cfg.run.save_every == 0:
-                _save(policy, optimizer, scheduler, pos, cfg, out_dir, info)
+            pos.step, pos.batch = pos.step + 1, pos.batch + 1
+            _log(writer, bar, result, scheduler.get_last_lr()[0], pos.step, cfg, info)
+            if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
+                _preview(result, mine, cfg, out_dir / "samples" / f"iter_{pos.step:08d}.png")
+            if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
+                _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, info)
         found = list_checkpoints(out_dir)
-        if not found or found[-1].name != f"step_{pos.iteration:08d}":
-            _save(policy, optimizer, scheduler, pos, cfg, out_dir, info)
+        if not found or found[-1].name != f"step_{pos.step:08d}":
+            _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, info)
         export = out_dir / EXPORT_NAME
         if info.is_main and not stop["sigterm"]:
             export_weights(policy.backend, cfg, export)
@@ -180,51 +173,7 @@ def _any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item() > 0)
 
 
-def _resume_path(cfg: IPPOConfig, out_dir: Path) -> Path | None:
-    if cfg.run.resume == "":
-        return None
-    if cfg.run.resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    path = Path(cfg.run.resume)
-    if not path.is_dir():
-        raise ValueError(f"run.resume {path} does not exist; give a folder under {out_dir}/checkpoints, 'auto' or ''")
-    return path
-
-
-def _save(policy: FluxPolicy, optimizer, scheduler, pos: Position, cfg: IPPOConfig, out_dir: Path,
-          info: DistInfo) -> None:
-    if info.is_main:
-        trainable = {n: p.detach().cpu() for n, p in policy.backend.trainable_parameters()}
-        save_checkpoint(out_dir, pos.iteration, {"trainable": trainable, "optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict(), "position": vars(pos).copy()},
-                        cfg.to_dict(), cfg.run.keep_last)
-    barrier(info)
-
-
 # observability
-
-
-def _observers(cfg: IPPOConfig, info: DistInfo, out_dir: Path, step: int):
-    if not info.is_main:
-        return None, None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    writer = bar = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
-    except ImportError:
-        log.warning("tensorboard not installed (pip install '.[train]'); scalars are not logged")
-    if cfg.run.progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.run.max_steps, initial=step, desc="ippo", dynamic_ncols=True)
-        except ImportError:
-            pass
-    return writer, bar
 
 
 def iteration_metrics(result: IterationResult, lr: float) -> dict[str, Tensor]:
@@ -263,13 +212,3 @@ def _preview(result: IterationResult, groups: list[PromptGroup], cfg: IPPOConfig
                                [g.prompt for g in groups])
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
-
-
-def export_ippo_checkpoint(cfg: IPPOConfig, checkpoint: str | Path, out: str | Path) -> Path:
-    """Export the adapters of an IPPO checkpoint folder (e.g. after an interrupted run)."""
-    from .idar import build_backend
-
-    backend = build_backend(cfg, torch.device("cpu"))
-    state = load_checkpoint(checkpoint, cfg.to_dict())
-    load_trainable(backend, state["trainable"], checkpoint)
-    return export_weights(backend, cfg, out)

@@ -196,3 +196,25 @@ def test_it_learns_and_learning_rate_zero_does_not(prompts, tmp_path, one_thread
     assert learned[0] == pytest.approx(frozen[0], abs=1e-6)  # same start
     assert sum(learned[-5:]) / 5 > max(frozen) + 0.01
     assert max(frozen) - min(frozen) < 0.015
+
+
+def test_stage1_weights_initialise_the_policy_and_a_mismatch_is_refused(prompts, tmp_path):
+    from multisubject.attention.weights import load_multicrafter_weights
+    from multisubject.train.ippo_trainer import build_policy
+
+    manifest = next(p for p in prompts if p.startswith("--data.manifest="))
+    stage1 = tmp_path / "idar"
+    assert cli(["train", "idar", manifest, *FAST[:5], "--moe.rank=2", "--moe.num_experts=2", "--lora.rank=2",
+                "--optim.lr=0.05", "--run.precision=fp32", "--run.grad_checkpointing=false", "--run.progress=false",
+                "--run.max_steps=1", f"--run.out_dir={stage1}"]) == 0
+    exported = stage1 / "multicrafter_idar.safetensors"
+    weights = load_multicrafter_weights(exported)
+    policy = build_policy(load_ippo_config(None, [*prompts, f"--init.weights={exported}"]), torch.device("cpu"))
+    for path, pair in weights.lora.items():
+        assert torch.equal(policy.backend.loras[path].lora_B, pair.lora_B)
+    for path, experts in weights.moe.items():
+        assert torch.equal(policy.backend.moes[path].lora_A, experts.lora_A)
+    assert any(float(pair.lora_B.abs().max()) > 0 for pair in weights.lora.values())  # a trained (non-zero) start
+    with pytest.raises(ValueError, match="does not fit this config's adapters"):
+        build_policy(load_ippo_config(None, [*prompts, f"--init.weights={exported}", "--lora.rank=3"]),
+                     torch.device("cpu"))
