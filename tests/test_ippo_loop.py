@@ -129,3 +129,12 @@ def test_a_group_samples_the_same_images_alone_or_batched_with_others():
     second = rollout(policy, [toy_group(1)], config, sigmas, (1, 2), _gens(2)[1:])
     torch.testing.assert_close(both.images[3:], second.images)
     torch.testing.assert_close(both.trajectory.log_probs[3:], second.trajectory.log_probs)
+
+
+def test_non_finite_gradient_stops_the_update_with_a_message():
+    policy = ToyPolicy(seed=6)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    batch = rollout(policy, [toy_group(0)], RolloutConfig(group_size=4), sigma_schedule(4), (0, 1), _gens(1))
+    adv = torch.tensor([float("inf"), -1.0, 0.5, -0.5])
+    with pytest.raises(RuntimeError, match="non-finite gradient norm"):
+        update(policy, params, torch.optim.SGD(params, lr=0.1), batch, adv, 0.7, GSPOConfig(clip_range=0.5), micro_batch=4)

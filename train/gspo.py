@@ -165,9 +165,10 @@ class GSPOLoss:
     ratio_mean: Tensor
     ratio_min: Tensor
     ratio_max: Tensor
+    grad_norm: Tensor | None = None  # global gradient norm before clipping (set by the update)
 
     def stats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
+        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__ if getattr(self, name) is not None}
 
 
 def gspo_objective(

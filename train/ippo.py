@@ -7,6 +7,7 @@ trainer (``run_ippo``) only adds distribution, logging and checkpoints around it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -203,11 +204,15 @@ def update(
         new_log_probs.append(log_probs.detach())
     if sync_gradients is not None:
         sync_gradients(params)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    # the norm before clipping (inf max_norm: measure only); a non-finite one would poison the adapters for good
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise RuntimeError(f"non-finite gradient norm ({float(grad_norm)}) in the GSPO update; training stopped. Lower "
+                           "optim.lr or gspo.clip_range, check the rewards for NaN, or resume from the last checkpoint")
     optimizer.step()
     # statistics of the whole batch at the parameters the gradient was taken at
-    return gspo_objective(torch.cat(new_log_probs), trajectory.log_probs, adv, gspo.clip_range, gspo.kl_coef)
+    stats = gspo_objective(torch.cat(new_log_probs), trajectory.log_probs, adv, gspo.clip_range, gspo.kl_coef)
+    return dataclasses.replace(stats, grad_norm=grad_norm.detach().float().cpu())
 
 
 # one iteration
