@@ -1,7 +1,7 @@
 """IPPO (MultiCrafter stage 2): one iteration = rollout -> rewards -> advantages -> one GSPO update.
 
 Each step of the algorithm box is one small function below; ``ippo_iteration`` calls them in order and the
-trainer (``run_ippo``) only adds distribution, logging and checkpoints around it. The model is reached through the
+trainer (``ippo_trainer.train_ippo``) only adds distribution, logging and checkpoints around it. The model is reached through the
 ``Policy`` protocol, so the same loop drives the ComfyUI Flux backend and the toy models of the tests.
 """
 
