@@ -8,9 +8,12 @@ Shape legend (used in every ``Shapes:`` block of this package):
     D   head dim                   T_txt text tokens
 """
 
+from .attention_maps import normalize_maps, reference_attention_maps
 from .layout import Layout, Region, TokenGrid, composite_by_priority, region_token_masks
 from .moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN, load_balancing_loss
+from .reference_attention import ReferenceAttentionConfig, TokenLayout, reference_attention_bias
 from .subjects import Subject, Subjects
+from .unope import FluxReferences, unope_ids
 from .weights import (
     LoRAConfig,
     LoRAPair,
@@ -22,6 +25,13 @@ from .weights import (
 )
 
 __all__ = [
+    "FluxReferences",
+    "ReferenceAttentionConfig",
+    "TokenLayout",
+    "normalize_maps",
+    "reference_attention_bias",
+    "reference_attention_maps",
+    "unope_ids",
     "LoRAConfig",
     "LoRAPair",
     "MoEExperts",

@@ -82,3 +82,24 @@ def normalize_maps(maps: Tensor, eps: float = 1e-6) -> Tensor:
     low = maps.amin(-1, keepdim=True)
     high = maps.amax(-1, keepdim=True)
     return (maps - low) / (high - low + eps)
+
+
+HEAT_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.35, 0.05, 0.55], [0.85, 0.2, 0.3], [1.0, 0.65, 0.0], [1.0, 1.0, 0.7]])
+
+
+def heat_colours(values: Tensor) -> Tensor:
+    """Black -> purple -> red -> orange -> pale yellow. Shapes: (...) in [0, 1] -> (..., 3)."""
+    pos = values.nan_to_num(0.0).clamp(0, 1) * (len(HEAT_COLOURS) - 1)
+    low = pos.floor().long().clamp(max=len(HEAT_COLOURS) - 2)
+    frac = (pos - low).unsqueeze(-1)
+    return HEAT_COLOURS[low] * (1 - frac) + HEAT_COLOURS[low + 1] * frac
+
+
+def maps_to_pixels(maps: Tensor, cell: int, height: int, width: int) -> Tensor:
+    """Token maps to pixels: each token covers ``cell x cell`` px (Flux: 16); padding past the image is cut off.
+
+    Shapes: maps (B, S, h, w) -> (B, S, height, width)
+    """
+    if maps.shape[-2] * cell < height or maps.shape[-1] * cell < width:
+        raise ValueError(f"{maps.shape[-2]}x{maps.shape[-1]} token maps of {cell} px cells do not cover {width}x{height}")
+    return maps.repeat_interleave(cell, -2).repeat_interleave(cell, -1)[..., :height, :width]

@@ -148,7 +148,7 @@ def combine_with_mask(bias: Tensor, mask: Tensor | None) -> Tensor:
 class BiasCache:
     """Biases keyed by (token layout, dtype, device): Flux calls attention 57 times per step with the same one."""
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 4) -> None:
         self.max_entries = max_entries
         self._items: dict[tuple, Tensor] = {}
 

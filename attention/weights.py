@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .moe_lora import MoELoRA, MoELoRAConfig
 
@@ -263,22 +263,17 @@ def from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] |
     moe: dict[str, MoEExperts] = {}
     lora: dict[str, LoRAPair] = {}
     for path in moe_config.targets:
-        keys = [f"{MOE_PREFIX}{path}{s}" for s in _MOE_SUFFIXES]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            problems.append(f"missing tensors {missing}")
-            continue
-        moe[path] = MoEExperts(*(tensors[k] for k in keys))
+        group = _tensor_group(tensors, MOE_PREFIX, path, _MOE_SUFFIXES, problems)
+        if group is not None:
+            moe[path] = MoEExperts(*group)
     for path in lora_config.targets:
-        keys = [f"{LORA_PREFIX}{path}{s}" for s in _LORA_SUFFIXES]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            problems.append(f"missing tensors {missing}")
+        group = _tensor_group(tensors, LORA_PREFIX, path, _LORA_SUFFIXES, problems)
+        if group is None:
             continue
-        alpha = float(tensors[keys[2]])
+        alpha = float(group[2])
         if not math.isclose(alpha, lora_config.alpha, rel_tol=1e-3):
-            problems.append(f"{keys[2]} is {alpha:g} but the metadata says alpha {lora_config.alpha:g}")
-        lora[path] = LoRAPair(tensors[keys[0]], tensors[keys[1]])
+            problems.append(f"{LORA_PREFIX}{path}.alpha is {alpha:g} but the metadata says alpha {lora_config.alpha:g}")
+        lora[path] = LoRAPair(group[0], group[1])
     expected = {f"{MOE_PREFIX}{p}{s}" for p in moe_config.targets for s in _MOE_SUFFIXES}
     expected |= {f"{LORA_PREFIX}{p}{s}" for p in lora_config.targets for s in _LORA_SUFFIXES}
     unknown = sorted(set(tensors) - expected)
@@ -292,6 +287,17 @@ def from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] |
         return MultiCrafterWeights(moe_config, moe, lora_config, lora, base, train_config)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def _tensor_group(tensors: Mapping[str, Tensor], prefix: str, path: str, suffixes: tuple[str, ...],
+                  problems: list[str]) -> list[Tensor] | None:
+    """The tensors ``prefix + path + suffix`` in suffix order, or None (and a problem noted) if any is missing."""
+    keys = [f"{prefix}{path}{suffix}" for suffix in suffixes]
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        problems.append(f"missing tensors {missing}")
+        return None
+    return [tensors[k] for k in keys]
 
 
 def _int_or_none(text: str | None) -> int | None:
@@ -337,11 +343,32 @@ def load_multicrafter_weights(path: str | Path, device: str | torch.device = "cp
 # checks against a concrete model
 
 
-def check_against_model(w: MultiCrafterWeights, module_features: Mapping[str, tuple[int, int]],
+def features_of(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear, or of a container of Linears such as an FFN (first in, last out)."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    linears = [m for m in module.modules() if m is not module and hasattr(m, "in_features")]
+    return (int(linears[0].in_features), int(linears[-1].out_features)) if linears else None
+
+
+def module_features(root: nn.Module, w: MultiCrafterWeights) -> dict[str, tuple[int, int]]:
+    """``features_of`` every target of ``w`` that exists under ``root`` (e.g. a Flux ``diffusion_model``)."""
+    found = {}
+    for path in (*w.moe, *w.lora):
+        try:
+            features = features_of(root.get_submodule(path))
+        except AttributeError:
+            continue
+        if features is not None:
+            found[path] = features
+    return found
+
+
+def check_against_model(w: MultiCrafterWeights, features: Mapping[str, tuple[int, int]],
                         model_name: str = "the model") -> None:
     """Raise unless every target exists in the model with matching feature sizes.
 
-    ``module_features`` maps ComfyUI module paths (relative to ``diffusion_model``) to
+    ``features`` maps ComfyUI module paths (relative to ``diffusion_model``) to
     ``(in_features, out_features)``: the Linear layers for the LoRA targets, and each target FFN's
     input / output width for the MoE targets.
     """
@@ -349,10 +376,10 @@ def check_against_model(w: MultiCrafterWeights, module_features: Mapping[str, tu
     for kind, items in (("MoE", {p: (e.lora_A.shape[2], e.lora_B.shape[1]) for p, e in w.moe.items()}),
                         ("LoRA", {p: (q.lora_A.shape[1], q.lora_B.shape[0]) for p, q in w.lora.items()})):
         for path, (c_in, c_out) in sorted(items.items()):
-            if path not in module_features:
+            if path not in features:
                 problems.append(f"{kind} target {path} does not exist in {model_name}")
                 continue
-            want = tuple(module_features[path])
+            want = tuple(features[path])
             if (int(c_in), int(c_out)) != want:
                 problems.append(
                     f"{kind} target {path}: the file has {c_in} -> {c_out} features but {model_name} has "

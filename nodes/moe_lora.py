@@ -5,28 +5,17 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.moe_lora import MoELoRAFFN
-from ..attention.weights import LORA_PREFIX, check_against_model, load_multicrafter_weights, to_state_dict
+from ..attention.weights import (
+    LORA_PREFIX,
+    check_against_model,
+    load_multicrafter_weights,
+    module_features,
+    to_state_dict,
+)
 from .multicrafter import require_flux
 from .types import CATEGORY, PREFIX
 
 FOLDER = "loras"  # MultiCrafter files live next to other LoRAs (models/loras)
-
-
-def _features(model, path: str, is_ffn: bool) -> tuple[int, int] | None:
-    """(in_features, out_features) of a Linear, or of an FFN (first and last Linear); None if absent."""
-    try:
-        module = model.get_model_object(f"diffusion_model.{path}")
-    except AttributeError:
-        return None
-    if isinstance(module, MoELoRAFFN):
-        raise ValueError(
-            f"{path} already carries a MoE-LoRA (a MultiCrafter loader ran before this one); load one MultiCrafter "
-            "file per model"
-        )
-    if is_ffn:
-        linears = [m for m in module.children() if hasattr(m, "in_features")]
-        return (linears[0].in_features, linears[-1].out_features) if linears else None
-    return (module.in_features, module.out_features) if hasattr(module, "in_features") else None
 
 
 def apply_multicrafter_weights(model, weights, strength: float, attention_strength: float):
@@ -34,17 +23,15 @@ def apply_multicrafter_weights(model, weights, strength: float, attention_streng
     import comfy.sd
 
     diffusion_model = require_flux(model, "Load MultiCrafter MoE-LoRA")
-    features = {}
-    for path in weights.moe:
-        found = _features(model, path, is_ffn=True)
-        if found is not None:
-            features[path] = found
-    for path in weights.lora:
-        found = _features(model, path, is_ffn=False)
-        if found is not None:
-            features[path] = found
-    check_against_model(weights, features, f"this FLUX model (hidden {diffusion_model.hidden_size}, "
-                                           f"{len(diffusion_model.double_blocks)} double blocks)")
+    stacked = [p for p in weights.moe if hasattr(model.object_patches.get(f"diffusion_model.{p}"), MoELoRAFFN.MOE_NAME)]
+    if stacked:
+        raise ValueError(
+            f"{stacked[0]} already carries a MoE-LoRA (a MultiCrafter loader ran before this one); load one "
+            "MultiCrafter file per model"
+        )
+    check_against_model(weights, module_features(diffusion_model, weights),
+                        f"this FLUX model (hidden {diffusion_model.hidden_size}, {len(diffusion_model.double_blocks)} "
+                        "double blocks)")
     m = model.clone()
     for path, experts in weights.moe.items():
         name = f"diffusion_model.{path}"

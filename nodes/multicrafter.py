@@ -17,7 +17,13 @@ import math
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.attention_maps import DIRECTIONS, normalize_maps, reference_attention_maps
+from ..attention.attention_maps import (
+    DIRECTIONS,
+    heat_colours,
+    maps_to_pixels,
+    normalize_maps,
+    reference_attention_maps,
+)
 from ..attention.layout import TokenGrid, composite_by_priority, region_token_masks
 from ..attention.reference_attention import (
     BiasCache,
@@ -336,17 +342,6 @@ class ApplyMultiCrafter(io.ComfyNode):
 
 # attention maps
 
-HEAT_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.35, 0.05, 0.55], [0.85, 0.2, 0.3], [1.0, 0.65, 0.0], [1.0, 1.0, 0.7]])
-
-
-def heat_colours(values: torch.Tensor) -> torch.Tensor:
-    """Black -> purple -> red -> orange -> pale yellow. Shapes: (...) in [0, 1] -> (..., 3)."""
-    pos = values.clamp(0, 1) * (len(HEAT_COLOURS) - 1)
-    low = pos.floor().long().clamp(max=len(HEAT_COLOURS) - 2)
-    frac = (pos - low).unsqueeze(-1)
-    return HEAT_COLOURS[low] * (1 - frac) + HEAT_COLOURS[low + 1] * frac
-
-
 def parse_percents(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
@@ -355,15 +350,6 @@ def parse_percents(text: str) -> list[float]:
     if not values or not all(0.0 <= v < 1.0 for v in values):
         raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {text!r}")
     return values
-
-
-def maps_to_pixels(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Token maps to pixels (each token covers 16x16 px; Flux pads odd latents, the pad is cut off).
-
-    Shapes: maps (B, S, h, w) -> (B, S, height, width)
-    """
-    cell = VAE_DOWNSCALE * PATCH
-    return maps.repeat_interleave(cell, -2).repeat_interleave(cell, -1)[..., :height, :width]
 
 
 class MultiCrafterAttentionMaps(io.ComfyNode):
@@ -419,13 +405,13 @@ class MultiCrafterAttentionMaps(io.ComfyNode):
                                        disable_pbar=True, seed=seed)
         maps = recorder.result()  # (B, S, h, w)
         height, width = latent_image.shape[-2] * VAE_DOWNSCALE, latent_image.shape[-1] * VAE_DOWNSCALE
-        pixels = maps_to_pixels(maps, height, width).flatten(0, 1)  # (B*S, H, W) batch-major
+        pixels = maps_to_pixels(maps, PATCH * VAE_DOWNSCALE, height, width).flatten(0, 1)  # (B*S, H, W) batch-major
         heat = heat_colours(pixels)
         if image is not None:
-            if tuple(image.shape[1:3]) != (height, width):
+            if tuple(image.shape[1:3]) != (height, width) or image.shape[0] != maps.shape[0]:
                 raise ValueError(
-                    f"image is {image.shape[2]}x{image.shape[1]} but the latent decodes to {width}x{height}; connect "
-                    "the VAE Decode output of the same latent"
+                    f"image batch is {image.shape[0]} x {image.shape[2]}x{image.shape[1]} but the latent decodes to "
+                    f"{maps.shape[0]} x {width}x{height}; connect the VAE Decode output of the same latent"
                 )
             base = image[..., :3].float().repeat_interleave(maps.shape[1], 0)
             heat = base * 0.45 + heat * 0.55

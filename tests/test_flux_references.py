@@ -168,3 +168,16 @@ def test_attention_maps_carry_gradients_and_normalise_to_unit_range():
     assert q.grad.abs().sum() > 0
     norm = normalize_maps(maps.detach())
     assert torch.allclose(norm.amax(-1), torch.ones(1, 2), atol=1e-4) and norm.amin() == 0
+
+
+def test_heat_colours_span_black_to_pale_yellow_and_pixels_cut_the_padding():
+    from multisubject.attention.attention_maps import HEAT_COLOURS, heat_colours, maps_to_pixels
+
+    colours = heat_colours(torch.tensor([0.0, 1.0, float("nan"), 2.0]))
+    assert torch.equal(colours[0], HEAT_COLOURS[0]) and torch.equal(colours[1], HEAT_COLOURS[-1])
+    assert torch.equal(colours[2], HEAT_COLOURS[0]) and torch.equal(colours[3], HEAT_COLOURS[-1])
+    maps = torch.arange(6.0).view(1, 1, 2, 3)  # a 3x5 latent pads to a 2x3 token grid
+    pixels = maps_to_pixels(maps, 16, 24, 40)
+    assert pixels.shape == (1, 1, 24, 40) and pixels[0, 0, 20, 39] == 5 and pixels[0, 0, 15, 15] == 0
+    with pytest.raises(ValueError, match="do not cover"):
+        maps_to_pixels(maps, 16, 40, 40)

@@ -170,3 +170,20 @@ def test_state_dict_round_trip_without_files():
     w = make_weights()
     back = from_state_dict(*to_state_dict(w))
     assert back.moe_config == w.moe_config and set(back.lora) == set(LORA_TARGETS)
+
+
+def test_module_features_read_linears_and_ffns_from_a_module_tree():
+    from torch import nn
+
+    from multisubject.attention.weights import module_features
+
+    block = nn.Module()
+    block.img_mlp = nn.Sequential(nn.Linear(HIDDEN, MLP), nn.GELU(), nn.Linear(MLP, HIDDEN))
+    block.img_attn = nn.Module()
+    block.img_attn.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+    root = nn.Module()
+    root.double_blocks = nn.ModuleList([block])
+    found = module_features(root, make_weights())
+    assert found == {"double_blocks.0.img_mlp": (HIDDEN, HIDDEN), "double_blocks.0.img_attn.qkv": (HIDDEN, 3 * HIDDEN)}
+    with pytest.raises(ValueError, match="double_blocks.1.img_mlp does not exist"):
+        check_against_model(make_weights(), found)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# model files are named by the user's install; a test server has none, so such combo values are not checked
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 COLUMN_WIDTH, ROW_GAP = 400, 40
 
 
@@ -82,7 +84,8 @@ def validate_api(api: dict, object_info: dict) -> list[str]:
                 continue
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             choices = spec[0] if isinstance(spec[0], list) else options.get("options")
-            if choices is not None and value not in choices:
+            is_model_file = isinstance(value, str) and value.endswith(MODEL_FILE_SUFFIXES)
+            if choices is not None and value not in choices and not is_model_file:
                 problems.append(f"node {node_id} ({kind}): {name}={value!r} not in {choices}")
             if "min" in options and value < options["min"] or "max" in options and value > options["max"]:
                 problems.append(f"node {node_id} ({kind}): {name}={value!r} outside [{options.get('min')}, {options.get('max')}]")

@@ -197,8 +197,10 @@ class FluxBackend(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, inputs: FluxInputs, idar_blocks: list[int] | None = None,
-                capture_checkpoint: bool = False) -> tuple[Tensor, list[Tensor]]:
+                capture_checkpoint: bool = True) -> tuple[Tensor, list[Tensor]]:
         """Predict the velocity; with ``idar_blocks`` also return those blocks' reference->image maps.
+        ``capture_checkpoint`` recomputes the maps' (B, H, rows, N) probabilities in backward instead of keeping them
+        (one extra matmul + softmax per subject and block; q and k are stored anyway).
 
         Shapes:
             returns v (B, C, h, w) and a list of (B, S, L), one per supervised block

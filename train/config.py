@@ -145,7 +145,7 @@ class RunConfig:
     seed: int = 0  # seeds data order, noise and timesteps
     precision: str = "bf16"  # bf16 autocast | fp32
     grad_checkpointing: bool = True  # recompute block activations in backward (saves memory)
-    fsdp: bool = False  # shard the frozen base across GPUs with FSDP instead of replicating it (DDP)
+    fsdp: bool = False  # shard the frozen base (and adapters) across ranks with FSDP2 instead of replicating it
     save_every: int = 500  # checkpoint every N steps (and on SIGTERM); 0 = only at the end
     keep_last: int = 3  # checkpoints kept on disk
     log_every: int = 10  # TensorBoard scalars every N steps

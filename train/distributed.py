@@ -71,3 +71,61 @@ def all_mean(value: Tensor, info: DistInfo) -> Tensor:
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()
+
+
+# FSDP: shard the frozen base (and the adapters inside each block) across ranks
+
+
+def shard_flux(flux: torch.nn.Module, info: DistInfo) -> None:
+    """FSDP2 ``fully_shard`` on every module that owns parameters, then on the whole model: each rank keeps
+    1/world of the weights and gathers a module's weights only while it runs; gradients are reduce-scattered
+    (averaged) by FSDP. Not per block: ComfyUI's blocks add to their inputs in place, which FSDP's input hooks
+    forbid, and they call sub-layers such as ``img_attn.qkv`` directly rather than through ``img_attn``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    owners = [m for name, m in flux.named_modules() if name and any(True for _ in m.parameters(recurse=False))]
+    for module in reversed(owners):  # children before parents
+        fully_shard(module, mesh=mesh)
+    fully_shard(flux, mesh=mesh)
+
+
+def is_sharded(params: list[torch.nn.Parameter]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def full_trainable_state(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, Tensor]:
+    """Unsharded CPU copies of the trainable parameters (a collective under FSDP: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for n, p in named}
+
+
+def load_trainable_state(named: list[tuple[str, torch.nn.Parameter]], state: dict[str, Tensor]) -> None:
+    """Copy full tensors into (possibly sharded) parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for n, p in named:
+            value = state[n].to(p.device, p.dtype)
+            p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

@@ -27,7 +27,20 @@ from .cache import LatentCache, empty_text_key, file_hash
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .config import IDARConfig
 from .data import epoch_batches, rank_slice, read_manifest
-from .distributed import DistInfo, all_mean, average_gradients, barrier, setup_distributed, teardown_distributed
+from .distributed import (
+    DistInfo,
+    all_mean,
+    average_gradients,
+    barrier,
+    full_optimizer_state,
+    full_trainable_state,
+    is_sharded,
+    load_optimizer_state,
+    load_trainable_state,
+    setup_distributed,
+    shard_flux,
+    teardown_distributed,
+)
 from .losses import flow_loss, idar_loss, noised, router_load, sample_timesteps
 
 EXPORT_NAME = "multicrafter_idar.safetensors"
@@ -90,7 +103,8 @@ def draw_noise(batch_slots: list[int], step: int, cfg: IDARConfig, shape: tuple[
 
 # model
 
-def build_backend(cfg: IDARConfig, device: torch.device):
+def build_backend(cfg: IDARConfig, device: torch.device, info: DistInfo | None = None):
+    """ComfyUI's Flux with the configured adapters on ``device``; with ``run.fsdp`` under torchrun, sharded."""
     from .comfy_backend import FluxBackend, load_flux  # imports ComfyUI
 
     base_dtype = torch.bfloat16 if cfg.run.precision == "bf16" and device.type == "cuda" else torch.float32
@@ -98,6 +112,8 @@ def build_backend(cfg: IDARConfig, device: torch.device):
     backend = FluxBackend(flux, cfg.lora, cfg.moe, cfg.run.grad_checkpointing).to(device)
     for _, p in backend.trainable_parameters():
         p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+    if cfg.run.fsdp and info is not None and info.world_size > 1:
+        shard_flux(backend.flux, info)
     return backend
 
 
@@ -132,7 +148,7 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
     inputs = FluxInputs(x_t, t.to(device), batch.context, batch.pooled, batch.refs, cfg.model.guidance)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.run.precision == "bf16" else nullcontext()
     with autocast:
-        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=cfg.run.grad_checkpointing)
+        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=True)
     terms = {"flow": flow_loss(v, noise.to(device), batch.x0)}
     total = terms["flow"]
     if maps:
@@ -189,7 +205,7 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
                          f"(groups: { {str(k): len(v) for k, v in groups.items()} }); lower optim.micro_batch/grad_accum")
 
     torch.manual_seed(cfg.run.seed)
-    backend = build_backend(cfg, info.device)
+    backend = build_backend(cfg, info.device, info)
     blocks = idar_blocks(cfg, backend.num_double_blocks)
     named = backend.trainable_parameters()
     params = [p for _, p in named]
@@ -201,7 +217,7 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
     if resume is not None:
         state = load_checkpoint(resume, cfg.to_dict())
         load_trainable(backend, state["trainable"], resume)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(backend, optimizer, state["optimizer"], is_sharded(params))
         scheduler.load_state_dict(state["scheduler"])
         pos = Position(**state["position"])
         set_rng_state(state["rng"])
@@ -237,8 +253,8 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
         if not list_checkpoints(out_dir) or list_checkpoints(out_dir)[-1].name != f"step_{pos.step:08d}":
             _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
         export = out_dir / EXPORT_NAME
-        if info.is_main and not stop["sigterm"]:
-            export_weights(backend, cfg, export)
+        if not stop["sigterm"]:
+            export_weights(backend, cfg, export, write=info.is_main)
         barrier(info)
         return export
     finally:
@@ -271,14 +287,13 @@ def _optimizer_step(backend, cache: LatentCache, mine: list[int], slot0: int, st
 
 
 def _clip_and_step(params, optimizer, scheduler, cfg: IDARConfig, info: DistInfo) -> Tensor:
-    average_gradients(params, info)
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+    if not is_sharded(params):  # FSDP already reduce-scattered the gradients
+        average_gradients(params, info)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))  # inf: measure, never clip
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     if not torch.isfinite(norm):
         raise RuntimeError(f"non-finite gradient norm ({float(norm)}) at step {scheduler.last_epoch + 1}; training "
                            "stopped. Lower optim.lr or resume from the last checkpoint")
-    if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -298,9 +313,11 @@ def _resume_path(cfg: IDARConfig, out_dir: Path) -> Path | None:
 
 
 def _save(backend, optimizer, scheduler, pos: Position, cfg: IDARConfig, out_dir: Path, info: DistInfo) -> None:
+    named = backend.trainable_parameters()
+    trainable = full_trainable_state(named)  # collectives under FSDP: every rank takes part
+    optim_state = full_optimizer_state(backend, optimizer, is_sharded([p for _, p in named]))
     if info.is_main:
-        trainable = {n: p.detach().cpu() for n, p in backend.trainable_parameters()}
-        save_checkpoint(out_dir, pos.step, {"trainable": trainable, "optimizer": optimizer.state_dict(),
+        save_checkpoint(out_dir, pos.step, {"trainable": trainable, "optimizer": optim_state,
                                             "scheduler": scheduler.state_dict(), "position": vars(pos).copy()},
                         cfg.to_dict(), cfg.run.keep_last)
     barrier(info)
@@ -348,17 +365,26 @@ def _log(writer, bar, metrics: dict[str, Tensor], step: int, cfg: IDARConfig, in
 
 # export
 
-def export_weights(backend, cfg: IDARConfig, path: str | Path) -> Path:
+def export_weights(backend, cfg: IDARConfig, path: str | Path, write: bool = True) -> Path:
     """Write the trained adapters in THE MultiCrafter format (``attention/weights.py``) with the resolved config in
-    its metadata; the MultiCrafter loader node reads this file."""
+    its metadata; the MultiCrafter loader node reads this file. Under FSDP every rank calls this (the adapters are
+    gathered); only ``write`` ranks write."""
     from ..attention.moe_lora import MoELoRAConfig
 
-    lora = {p: LoRAPair(m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()) for p, m in backend.loras.items()}
+    full = full_trainable_state(backend.trainable_parameters())
+    if not write:
+        return Path(path)
+
+    prefixes = {id(m): n for n, m in backend.named_modules()}
+
+    def tensor(module, attr: str) -> Tensor:
+        return full[f"{prefixes[id(module)]}.{attr}"].float()
+
+    lora = {p: LoRAPair(tensor(m, "lora_A"), tensor(m, "lora_B")) for p, m in backend.loras.items()}
     lora_config = WeightsLoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha or float(cfg.lora.rank),
                                     targets=tuple(lora)) if lora else WeightsLoRAConfig(targets=())
     moe_config = backend.moe_config or MoELoRAConfig(targets=())
-    moe = {p: MoEExperts(*(t.detach().float().cpu() for t in (m.router, m.lora_A, m.lora_B)))
-           for p, m in backend.moes.items()}
+    moe = {p: MoEExperts(*(tensor(m, a) for a in ("router", "lora_A", "lora_B"))) for p, m in backend.moes.items()}
     weights = MultiCrafterWeights(moe_config, moe, lora_config, lora, train_config=cfg.to_dict())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,11 +403,12 @@ def export_checkpoint(cfg: IDARConfig, checkpoint: str | Path, out: str | Path) 
 
 
 def load_trainable(backend, trainable: dict[str, Tensor], source) -> None:
-    names = {n for n, _ in backend.trainable_parameters()}
+    named = backend.trainable_parameters()
+    names = {n for n, _ in named}
     if names != set(trainable):
         raise ValueError(f"checkpoint {source} holds other adapter parameters than this config builds "
                          f"(missing {sorted(names - set(trainable))[:4]}, extra {sorted(set(trainable) - names)[:4]})")
-    backend.load_state_dict(trainable, strict=False)
+    load_trainable_state(named, trainable)
 
 
 @torch.no_grad()

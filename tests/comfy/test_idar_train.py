@@ -1,5 +1,6 @@
 """IDAR trainer on ComfyUI's real Flux class at tiny size: the efficient IDAR map against the full attention
-matrix, CLI end to end, export -> MultiCrafter loader node, 2-process torchrun (gloo) vs 1 process, SIGKILL +
+matrix, CLI end to end, export -> MultiCrafter loader node, 2-process torchrun (gloo; DDP-style and FSDP) vs 1
+process, SIGKILL +
 resume, SIGTERM checkpoint, and "it learns"."""
 
 import json
@@ -158,16 +159,18 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
     assert torch.allclose(outs[1], mine, atol=1e-5)  # ... into exactly what was trained
 
 
-def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(small, tmp_path):
+def test_two_process_torchrun_ddp_and_fsdp_equal_one_process_with_the_same_global_batch(small, tmp_path):
     root, config = small
     common = ["--config", str(config), *FAST, "--run.max_steps=3", "--run.save_every=0", "--moe.balance_weight=0"]
     _run("train", "idar", *common, f"--run.out_dir={tmp_path / 'one'}", "--optim.micro_batch=2")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "multisubject", "train", "idar", *common, f"--run.out_dir={tmp_path / 'two'}",
-                           "--optim.micro_batch=1"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (_weights(tmp_path / d / "multicrafter_idar.safetensors") for d in ("one", "two"))
-    _assert_close(one, two, atol=1e-5)
+    for name, extra in (("ddp", []), ("fsdp", ["--run.fsdp=true"])):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "multisubject", "train", "idar", *common, f"--run.out_dir={tmp_path / name}",
+                               "--optim.micro_batch=1", *extra], env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, ddp, fsdp = (_weights(tmp_path / d / "multicrafter_idar.safetensors") for d in ("one", "ddp", "fsdp"))
+    _assert_close(one, ddp, atol=1e-5)
+    _assert_close(one, fsdp, atol=1e-5)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
 
 

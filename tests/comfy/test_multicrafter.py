@@ -43,8 +43,9 @@ def _sample(model, positive, negative, latent, cfg=1.0, steps=2, seed=0):
     import comfy.sample
 
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
+                                   disable_pbar=True, seed=seed)
 
 
 # UnoPE: ComfyUI's "uxo" ids against the spec's recurrence
@@ -194,6 +195,19 @@ def test_attention_lora_part_loads_through_the_stock_lora_loader_and_composes(fl
     assert not torch.allclose(outs[3], outs[2]) and not torch.allclose(outs[3], outs[1])
 
 
+@pytest.mark.parametrize("dtype, compute_dtype", [(torch.bfloat16, None), (torch.float8_e4m3fn, torch.float32)],
+                         ids=["bf16 weights", "fp8 weights, fp32 compute"])
+def test_moe_lora_runs_on_half_and_fp8_base_weights(comfy, inputs, dtype, compute_dtype):
+    from multisubject.nodes.moe_lora import apply_multicrafter_weights
+
+    model = build_tiny_flux(0, dtype, compute_dtype)
+    assert model.model.diffusion_model.double_blocks[0].img_mlp[0].weight.dtype == dtype
+    base = _sample(model, *inputs)
+    patched = _sample(apply_multicrafter_weights(model, _weights(), 1.0, 1.0), *inputs)
+    assert torch.isfinite(patched).all() and not torch.allclose(patched, base)
+    assert torch.equal(_sample(apply_multicrafter_weights(model, _weights(), 0.0, 0.0), *inputs), base)
+
+
 def test_loader_errors_name_the_model_and_the_mismatch(flux):
     from multisubject.nodes.moe_lora import apply_multicrafter_weights
 
@@ -268,6 +282,10 @@ def test_apply_with_cfg_batch_two_and_three_references_masks_each_call_once(comf
     assert torch.equal(_sample(_apply(comfy, flux, refs, None), pos, neg, latent, cfg=2.0), plain)
     late = _apply(comfy, flux, refs, layout, start=0.99, end=1.0)  # the 2-step schedule never reaches 99 %
     assert torch.equal(_sample(late, pos, neg, latent, cfg=2.0), plain)
+    # a negative without references runs as its own batch (different length); it gets no bias
+    plain_negative = tiny_flux_conditioning(2, batch=1)
+    mixed = _sample(masked_model, pos, plain_negative, latent, cfg=2.0)
+    assert torch.isfinite(mixed).all() and len(patch.cache) == 1
 
 
 def test_apply_errors_for_wrong_subject_count_and_mismatched_references(comfy, flux, vae):

@@ -19,20 +19,24 @@ TINY_FLUX = dict(
 NUM_TXT = 8  # text tokens of the fixture conditioning
 
 
-def build_tiny_flux(seed: int = 0):
-    """A ModelPatcher around a ``comfy.model_base.Flux`` with 2 double + 1 single blocks, hidden 64."""
+def build_tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None):
+    """A ModelPatcher around a ``comfy.model_base.Flux`` with 2 double + 1 single blocks, hidden 64.
+
+    ``dtype`` is the weight dtype (e.g. float8_e4m3fn) and ``compute_dtype`` the manual-cast dtype, as
+    UNETLoader's weight_dtype options set them.
+    """
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
 
     config = comfy.model_detection.model_config_from_unet_config(dict(TINY_FLUX))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, compute_dtype)
     model = config.get_model({}, "")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.diffusion_model.named_parameters():
             if name.endswith(".scale"):  # RMSNorm scales
-                param.fill_(1.0)
+                param.copy_(torch.ones(param.shape))
             else:  # comfy.ops leaves weights uninitialised
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
     return comfy.model_patcher.ModelPatcher(
