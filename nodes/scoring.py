@@ -138,9 +138,18 @@ class ScoreIdentity(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, face_pack, object_model, **kwargs):
+        # a custom validate_inputs replaces ComfyUI's own combo check for these inputs, so check them here
         if face_pack == NONE and object_model == NONE:
             return ("choose a face_pack (for people) and/or an object_model (for other subjects); both are 'none'. "
                     "Put packs in models/insightface/models/ and DINOv2/CLIP folders in models/reward_models/")
+        if face_pack != NONE:
+            try:
+                resolve_face_pack(_roots(FACE_FOLDER), face_pack)
+            except (FileNotFoundError, ValueError) as e:
+                return str(e)
+        if object_model != NONE and object_model not in object_models():
+            return (f"object model '{object_model}' not found in {', '.join(_roots(OBJECT_FOLDER))}; expected a DINOv2 "
+                    "or CLIP folder with config.json, model.safetensors and preprocessor_config.json there")
         return True
 
     @classmethod

@@ -6,9 +6,9 @@ matplotlib, tqdm: the ``eval`` extra) are imported only when a scorer is loaded.
 
 The reward in one call::
 
-    from multisubject.scoring import FaceEmbedder, IdentityScorer, ImageEmbedder
-    scorer = IdentityScorer(faces=FaceEmbedder.load("antelopev2", roots=["ComfyUI/models/insightface"]),
-                            objects=ImageEmbedder.load("models/reward_models/dinov2-base"))
+    from multisubject.scoring import IdentityScorer
+    scorer = IdentityScorer.from_paths(face_pack="antelopev2", insightface_roots=["ComfyUI/models/insightface"],
+                                       object_model="models/reward_models/dinov2-base")
     refs = scorer.embed_references(subjects)   # once per subject list (attention.Subjects)
     reward = scorer(images, refs, layout)      # images (B, H, W, 3) in [0, 1] -> (B,) float32 in [0, 1]
 

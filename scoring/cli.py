@@ -62,6 +62,7 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
                         help="multiply table values: 1 (MultiCrafter style) or 100 (AnyMS style)")
     parser.add_argument("--worst", type=int, default=8, help="samples in plots/worst_samples.png (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device for the HF/open_clip models (default: cuda if available)")
+    parser.add_argument("--title", default="", help="title printed on the plots (e.g. the benchmark's name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -85,6 +86,12 @@ def run_eval(args: argparse.Namespace, log=print) -> int:
     from .objects import ImageEmbedder
 
     runs = parse_runs(args.runs)
+    try:  # transformers draws a progress bar per model it loads; ours is enough
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     for name, path in runs.items():
         if not path.is_file():
             raise FileNotFoundError(f"run '{name}': manifest {path} not found")
@@ -97,7 +104,7 @@ def run_eval(args: argparse.Namespace, log=print) -> int:
         if args.detector_dir else None
     evaluator = Evaluator(faces=faces, dino=dino, clip=clip, hps=hps, detector=detector)
     summaries = evaluate_runs(runs, evaluator, args.out, scale=args.scale, worst=args.worst,
-                              progress=not args.no_progress, log=log)
+                              progress=not args.no_progress, title=args.title, log=log)
     log((args.out / "table.md").read_text().rstrip())
     log(f"wrote {args.out}/per_sample.json, per_sample.csv, table.md, summary.json, plots/")
     return 1 if all(s["n"] == 0 for s in summaries.values()) else 0

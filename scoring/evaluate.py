@@ -53,6 +53,7 @@ METRICS: dict[str, str] = {
 }
 OVERALL_OF = ("CLIP-T", "Face-Sim", "DINO-I", "CLIP-I", "AES")
 PER_SAMPLE = [m for m in METRICS if m != "AP50"]  # AP50 exists only per run
+REFERENCE_CACHE = 512  # reference sets whose embeddings are kept
 
 
 class ManifestError(ValueError):
@@ -67,6 +68,7 @@ class Sample:
     prompt: str
     subjects: Subjects
     layout: Layout | None
+    reference_key: str = ""  # identifies the reference files: samples sharing them share embeddings
 
 
 @dataclass
@@ -104,8 +106,8 @@ def read_manifest(path: Path) -> list:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise ValueError(f"manifest {path} is neither JSON nor JSON Lines: {e}") from None
-    if isinstance(data, dict) and "samples" in data:
-        data = data["samples"]
+    if isinstance(data, dict):  # {"samples": [...]}, or a JSON Lines file with a single sample
+        data = data["samples"] if "samples" in data else [data]
     if not isinstance(data, list):
         raise ValueError(f"manifest {path} must hold a list of samples, got {type(data).__name__}")
     return data
@@ -157,7 +159,8 @@ def parse_sample(entry, index: int, root: Path) -> Sample:
     layout = None
     if entry.get("layout") is not None:
         layout = _parse_layout(entry["layout"], root, len(subjects), subjects.labels)
-    return Sample(index, sample_id, root / entry["image"], str(entry.get("prompt", "")), subjects, layout)
+    key = json.dumps([str(root.resolve()), refs], sort_keys=True)
+    return Sample(index, sample_id, root / entry["image"], str(entry.get("prompt", "")), subjects, layout, key)
 
 
 def _parse_layout(spec, root: Path, num_subjects: int, labels: list[str]) -> Layout:
@@ -197,6 +200,16 @@ class Evaluator:
             raise ValueError(f"--dinov2-dir must hold a DINOv2 model, {dino.folder} holds {dino.name}")
         self.faces, self.dino, self.clip, self.hps, self.detector = faces, dino, clip, hps, detector
         self.identity = IdentityScorer(faces=faces, objects=dino) if (faces or dino) else None
+        self._references: dict[tuple[str, str], object] = {}  # (what, reference_key) -> embeddings
+
+    def _cached(self, what: str, sample: Sample, compute):
+        """Reference embeddings are computed once per reference set (runs usually share references)."""
+        key = (what, sample.reference_key or str(id(sample)))
+        if key not in self._references:
+            if len(self._references) >= REFERENCE_CACHE:
+                self._references.pop(next(iter(self._references)))
+            self._references[key] = compute()
+        return self._references[key]
 
     def available(self) -> list[str]:
         have = {
@@ -212,14 +225,18 @@ class Evaluator:
         result = SampleResult(run, sample.index, sample.id, str(sample.image))
         m = result.metrics
         if self.identity is not None:
-            identity = self.identity.score_image(image, self.identity.embed_references(sample.subjects), sample.layout)
+            refs = self._cached("identity", sample,
+                                lambda: self.identity.embed_references(sample.subjects, unscorable_ok=True))
+            identity = self.identity.score_image(image, refs, sample.layout)
             result.identity = identity
             result.per_subject = [round(float(v), 6) for v in identity.per_subject]
-            m["Multi-ID"] = identity.score
+            # a subject with no face and no object model cannot be scored: Multi-ID is then n/a
+            m["Multi-ID"] = identity.score if "none" not in refs.kinds else None
             m["Face-Sim"] = identity.face_score if self.faces is not None else None
         for name, embedder in (("DINO-I", self.dino), ("CLIP-I", self.clip)):
             if embedder is not None:
-                refs = embed_object_references(embedder, sample.subjects, range(len(sample.subjects)))
+                refs = self._cached(name, sample, lambda e=embedder: embed_object_references(
+                    e, sample.subjects, range(len(sample.subjects))))
                 m[name] = object_matching(embedder, image, refs, sample.layout)[0].score
         if self.clip is not None and self.clip.tokenizer is not None:
             m["CLIP-T"] = float(self.clip.embed_images([image])[0] @ self.clip.embed_texts([sample.prompt])[0])
@@ -278,7 +295,7 @@ def _csv_value(value):
 
 
 def evaluate_runs(runs: dict[str, Path], evaluator: Evaluator, out_dir: Path, *, scale: float = 1.0,
-                  worst: int = 8, progress: bool = True, log=print) -> dict[str, dict]:
+                  worst: int = 8, progress: bool = True, title: str = "", log=print) -> dict[str, dict]:
     """Evaluate every run's manifest, write per-sample JSON + CSV, table.md, summary.json and plots/.
 
     Returns {run: summary}. A bad entry is logged with its run, index and id, counted as failed, and skipped.
@@ -323,9 +340,9 @@ def evaluate_runs(runs: dict[str, Path], evaluator: Evaluator, out_dir: Path, *,
 
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
-    plot_metric_bars(summaries, metrics, plots / "metrics.png")
+    plot_metric_bars(summaries, metrics, plots / "metrics.png", title=title)
     all_results = [r for rs in results.values() for r in rs if not r.error]
-    plot_worst_samples(all_results, samples, plots / "worst_samples.png", count=worst)
+    plot_worst_samples(all_results, samples, plots / "worst_samples.png", count=worst, title=title)
     failed = sum(s["failed"] for s in summaries.values())
     if failed:
         log(f"eval: {failed} of {total} entries failed (listed above and in per_sample.json)")

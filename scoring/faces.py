@@ -14,7 +14,10 @@ insightface 0.7.3 and 2.x (whose default runs two sizes).
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ import torch
 from torch import Tensor
 
 from .deps import require
+
+log = logging.getLogger("multisubject")
 
 DET_SIZE = (640, 640)
 KNOWN_PACKS = {
@@ -48,6 +53,13 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not os.path.exists(text) and not str(text).startswith((".", "~"))
 
 
+def refuse_hub_id(text: str, what: str, give: str) -> None:
+    """Raise when ``text`` is a model-hub id rather than a local path (nothing is ever downloaded)."""
+    if looks_like_hub_id(text):
+        raise ValueError(f"{what} '{text}' looks like a model-hub id, but models are only read from local files "
+                         f"(nothing is downloaded); {give}")
+
+
 def resolve_face_pack(roots: list[str | Path], name: str) -> Path:
     """Find the folder holding pack ``name``'s ``.onnx`` files under any of ``roots``.
 
@@ -55,11 +67,8 @@ def resolve_face_pack(roots: list[str | Path], name: str) -> Path:
     antelopev2 zip unpacks one level deeper), ``<root>/<name>`` and ``<root>`` itself; ``name`` may also
     be a path to the pack folder.
     """
-    if looks_like_hub_id(name):
-        raise ValueError(
-            f"face pack '{name}' looks like a model-hub id, but packs are only read from local folders (nothing is "
-            f"downloaded); put the pack in <ComfyUI>/models/insightface/models/<pack>/ and give its name or path"
-        )
+    refuse_hub_id(name, "face pack", "put the pack in <ComfyUI>/models/insightface/models/<pack>/ and give its "
+                  "name or path")
     candidates = [Path(name).expanduser()] if os.sep in name or Path(name).expanduser().is_dir() else []
     for root in roots:
         root = Path(root).expanduser()
@@ -145,14 +154,18 @@ class FaceEmbedder:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         use_gpu = "CUDAExecutionProvider" in providers
-        app = FaceAnalysis(name=str(pack_dir), providers=providers, allowed_modules=["detection", "recognition"])
+        chatter = io.StringIO()  # insightface prints every model it finds; keep it out of stdout
+        with contextlib.redirect_stdout(chatter):
+            app = FaceAnalysis(name=str(pack_dir), providers=providers, allowed_modules=["detection", "recognition"])
         missing = [m for m in ("detection", "recognition") if m not in app.models]
         if missing:
             raise FileNotFoundError(
                 f"insightface pack {pack_dir} has no {' or '.join(missing)} model among "
                 f"{', '.join(sorted(p.name for p in pack_dir.glob('*.onnx')))}; expected {_expected(pack_dir.name)}"
             )
-        app.prepare(ctx_id=0 if use_gpu else -1, det_thresh=det_threshold, det_size=DET_SIZE)
+        with contextlib.redirect_stdout(chatter):
+            app.prepare(ctx_id=0 if use_gpu else -1, det_thresh=det_threshold, det_size=DET_SIZE)
+        log.debug("insightface pack %s loaded:\n%s", pack_dir, chatter.getvalue())
         return cls(app, pack_dir, det_threshold)
 
     def detect(self, image: Tensor) -> Faces:

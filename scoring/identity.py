@@ -125,7 +125,7 @@ class ReferenceSet:
     """
 
     subjects: Subjects
-    kinds: tuple[str, ...]  # per subject: "face" or "object"
+    kinds: tuple[str, ...]  # per subject: "face", "object" (or "none": not scorable, see embed_references)
     face_embeddings: Tensor
     object_embeddings: Tensor
 
@@ -175,8 +175,8 @@ class IdentityScorer:
 
     Usage (e.g. in a trainer)::
 
-        scorer = IdentityScorer(faces=FaceEmbedder.load("antelopev2", roots=[insightface_root]),
-                                objects=ImageEmbedder.load(dinov2_dir))
+        scorer = IdentityScorer.from_paths(face_pack="antelopev2", insightface_roots=[insightface_root],
+                                           object_model=dinov2_dir)
         refs = scorer.embed_references(subjects)        # once per subject list
         reward = scorer(images, refs, layout)           # (B,) float tensor, one score per image
     """
@@ -195,8 +195,23 @@ class IdentityScorer:
         self.objects = objects
         self.kind = kind
 
-    def embed_references(self, subjects: Subjects) -> ReferenceSet:
+    @classmethod
+    def from_paths(cls, face_pack: str | None = None, insightface_roots: Sequence[str] = (),
+                   object_model: str | None = None, kind: str = "auto", det_threshold: float = 0.5,
+                   device: str | None = None) -> IdentityScorer:
+        """Load the scorer from local files (a trainer's config): a face pack (name under the roots, or a
+        folder) and/or a DINOv2/CLIP folder. Nothing is downloaded; missing files raise naming them."""
+        faces = FaceEmbedder.load(face_pack, roots=list(insightface_roots), det_threshold=det_threshold) \
+            if face_pack else None
+        objects = ImageEmbedder.load(object_model, device, what="object model") if object_model else None
+        return cls(faces=faces, objects=objects, kind=kind)
+
+    def embed_references(self, subjects: Subjects, unscorable_ok: bool = False) -> ReferenceSet:
         """Decide each subject's kind and embed its references.
+
+        ``unscorable_ok``: a subject without a face while no object model is loaded gets kind "none"
+        (left out of both matchings, still counted in the mean) instead of raising; the evaluation
+        uses it so Face-Sim works without an object model.
 
         Shapes:
             subjects: S subjects, each with (R, H, W, 3) reference images
@@ -209,6 +224,9 @@ class IdentityScorer:
             if self.faces is not None and self.kind != "object":
                 embedding = self._face_reference(subject.images)
             if embedding is None:
+                if unscorable_ok and self.objects is None:
+                    kinds.append("none")
+                    continue
                 if self.kind == "face" or self.objects is None:
                     name = subject.label or f"subject {i}"
                     why = "kind is 'face'" if self.kind == "face" else "no object model (DINOv2/CLIP) is loaded"

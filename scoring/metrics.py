@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from .deps import require
-from .faces import looks_like_hub_id
+from .faces import refuse_hub_id
 from .objects import check_model_dir
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,11 +71,7 @@ class HPSv2Scorer:
 
     @classmethod
     def load(cls, checkpoint: str | Path, arch: str = HPS_ARCH, device: str | None = None) -> HPSv2Scorer:
-        if looks_like_hub_id(str(checkpoint)):
-            raise ValueError(
-                f"HPSv2 checkpoint '{checkpoint}' looks like a model-hub id; give the local HPS_v2.1_compressed.pt file "
-                "(nothing is downloaded)"
-            )
+        refuse_hub_id(str(checkpoint), "HPSv2 checkpoint", "give the local HPS_v2.1_compressed.pt file")
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from .deps import require
-from .faces import looks_like_hub_id
+from .faces import refuse_hub_id
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4.x / 5.x processors
@@ -27,13 +27,9 @@ BACKGROUND = 1.0  # masked crops get a white background (MultiCrafter's recipe)
 
 def check_model_dir(path: str | Path, what: str) -> Path:
     """Raise naming the expected files unless ``path`` is a complete local HF model folder."""
-    text = str(path)
-    if looks_like_hub_id(text):
-        raise ValueError(
-            f"{what}: '{text}' looks like a model-hub id, but models are only read from local folders (nothing is "
-            "downloaded). Download it once (e.g. huggingface-cli download <id> --local-dir <folder>) and give the folder"
-        )
-    folder = Path(text).expanduser()
+    refuse_hub_id(str(path), what, "download it once (e.g. huggingface-cli download <id> --local-dir <folder>) and "
+                  "give the folder")
+    folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{what}: model folder {folder} does not exist; expected a folder with config.json, model.safetensors and "

@@ -18,7 +18,7 @@ def _pyplot():
     return plt
 
 
-def plot_metric_bars(summaries: dict[str, dict], metrics: list[str], path: Path) -> Path:
+def plot_metric_bars(summaries: dict[str, dict], metrics: list[str], path: Path, title: str = "") -> Path:
     """One panel per metric, one bar per run (value printed on the bar)."""
     plt = _pyplot()
     runs = list(summaries)
@@ -40,14 +40,14 @@ def plot_metric_bars(summaries: dict[str, dict], metrics: list[str], path: Path)
         ax.set_ylim(min(0.0, min(heights + [0.0])), top * 1.2 if top > 0 else 1.0)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
-    fig.suptitle("higher is better", fontsize=9)
+    fig.suptitle(f"{title} (higher is better)" if title else "higher is better", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_worst_samples(results: list, samples: dict, path: Path, count: int = 8) -> Path:
+def plot_worst_samples(results: list, samples: dict, path: Path, count: int = 8, title: str = "") -> Path:
     """The ``count`` lowest-scoring samples (by Multi-ID, else Overall, ...) as identity reports or images."""
     from .evaluate import load_image
     from .report import render_identity_report
@@ -70,7 +70,8 @@ def plot_worst_samples(results: list, samples: dict, path: Path, count: int = 8)
         ax.set_title(f"{result.run} / {result.id}: {key} {result.metrics[key]:.3f}", fontsize=9)
     if not ranked:
         axes.flat[0].text(0.5, 0.5, "no evaluated samples", ha="center", va="center")
-    fig.suptitle(f"worst samples by {key}" if key else "worst samples", fontsize=10)
+    heading = f"worst samples by {key}" if key else "worst samples"
+    fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

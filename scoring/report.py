@@ -28,6 +28,15 @@ def _pil(image: Tensor) -> Image.Image:
     return Image.fromarray((image.detach().float().cpu().clamp(0, 1) * 255).round().byte().numpy())
 
 
+def _caption(name: str, result: IdentityResult, s: int) -> str:
+    kind = result.kinds[s]
+    if kind == "none":
+        return f"{name}\nno face, no object model"
+    if int(result.assignment[s]) < 0:
+        return f"{name}\n{kind}: unmatched (0)"
+    return f"{name}\n{kind} {float(result.per_subject[s]):.3f}"
+
+
 def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subjects, title: str = "") -> Tensor:
     """The generated image with its candidate boxes, plus one reference thumbnail per subject on the right.
 
@@ -39,17 +48,20 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
     num_subjects = len(subjects)
     slot = max(48, min(256, height // max(num_subjects, 1)))
     thumb = slot - 22  # room for the caption under each thumbnail
-    column = thumb + 140
+    font = _font(max(11, min(18, slot // 9)))
+    captions = [_caption(subjects[s].label or f"subject {s + 1}", result, s) for s in range(num_subjects)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max([measure.multiline_textbbox((0, 0), c, font=font)[2] for c in captions] + [40])
+    column = thumb + text_width + 24
     canvas = Image.new("RGB", (width + column, max(height, slot * num_subjects)), PANEL)
     canvas.paste(_pil(image), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(11, min(18, slot // 9)))
     line_width = max(2, min(height, width) // 200)
 
     boxes = {"face": result.face_boxes, "object": result.object_boxes}
     used = {"face": set(), "object": set()}
     for s in range(num_subjects):
-        if int(result.assignment[s]) >= 0:
+        if int(result.assignment[s]) >= 0 and result.kinds[s] in used:
             used[result.kinds[s]].add(int(result.assignment[s]))
     for kind, kind_boxes in boxes.items():  # candidates nobody matched: grey
         for k, box in enumerate(kind_boxes.tolist()):
@@ -63,7 +75,6 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
         ref.thumbnail((thumb, thumb))
         canvas.paste(ref, (x0, top + 2))
         kind, k = result.kinds[s], int(result.assignment[s])
-        name = subject.label or f"subject {s + 1}"
         text_x = x0 + thumb + 6
         if k >= 0:
             rgb = tuple(round(c * 255) for c in region_colour(s))
@@ -71,11 +82,11 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
             draw.rectangle(box, outline=rgb, width=line_width)
             start = (box[2], (box[1] + box[3]) / 2)
             draw.line([start, (x0, top + 2 + ref.height / 2)], fill=rgb, width=line_width)
-            draw.text((text_x, top + 4), f"{name}\n{kind} {float(result.per_subject[s]):.3f}", fill=rgb, font=font)
+            draw.multiline_text((text_x, top + 4), captions[s], fill=rgb, font=font)
         else:
             draw.line([(x0, top + 2), (x0 + ref.width, top + 2 + ref.height)], fill=UNMATCHED, width=3)
             draw.line([(x0 + ref.width, top + 2), (x0, top + 2 + ref.height)], fill=UNMATCHED, width=3)
-            draw.text((text_x, top + 4), f"{name}\n{kind}: unmatched (0)", fill=UNMATCHED, font=font)
+            draw.multiline_text((text_x, top + 4), captions[s], fill=UNMATCHED, font=font)
     caption = f"{title}  identity {result.score:.3f}".strip()
     text_box = draw.textbbox((4, 4), caption, font=font)
     draw.rectangle(text_box, fill=(0, 0, 0))

@@ -181,20 +181,24 @@ def _tiny_clip_tokenizer(folder: Path):
     return len(vocab)
 
 
+def _tiny_towers(vocab_size: int, layers: int, text_length: int, image_size: int, patch_size: int) -> dict:
+    """Text and vision tower configs of a tiny CLIP-style model (width 32, 2 heads)."""
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2)
+    return dict(
+        text_config=dict(common, vocab_size=vocab_size, max_position_embeddings=text_length, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1),
+        vision_config=dict(common, image_size=image_size, patch_size=patch_size),
+    )
+
+
 def make_tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = _tiny_clip_tokenizer(folder)
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
+    config = CLIPConfig(**_tiny_towers(vocab_size, layers=2, text_length=32, image_size=32, patch_size=8),
+                        projection_dim=16)
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -224,22 +228,15 @@ def make_tiny_hps(path: Path) -> Path:
 
 
 def make_tiny_owlv2(folder: Path) -> Path:
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = _tiny_clip_tokenizer(folder)
-    from transformers import CLIPTokenizer
-
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    config = Owlv2Config(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=16),
-        projection_dim=32,  # OWL class head maps image features to the text width
-    )
+    # projection 32: OWL's class head maps image features to the text width
+    config = Owlv2Config(**_tiny_towers(vocab_size, layers=1, text_length=16, image_size=64, patch_size=16),
+                         projection_dim=32)
     Owlv2ForObjectDetection(config).save_pretrained(folder)
     processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer)
     processor.save_pretrained(folder)
@@ -256,15 +253,15 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray((image.clamp(0, 1) * 255).round().byte().numpy()).save(path)
 
 
-def make_tiny_eval_set(folder: Path) -> dict[str, Path]:
-    """Two "methods" over the same 4 prompts with 2 fake faces each; returns {run name: manifest path}.
+def make_tiny_eval_set(folder: Path, count: int = 4) -> dict[str, Path]:
+    """Two "methods" over the same ``count`` prompts with 2 fake faces each; returns {run name: manifest path}.
 
     ``good`` places both references' identities in their boxes; ``swapped_dup`` repeats the first identity
     twice in one sample and leaves a face out in another, so its identity scores are lower.
     """
     refs_dir = folder / "references"
     samples = []
-    for n in range(4):
+    for n in range(count):
         a, b = 100 + 2 * n, 101 + 2 * n
         for seed in (a, b):
             _save_png(face_canvas([(seed, 10, 10)]), refs_dir / f"face{seed}.png")
