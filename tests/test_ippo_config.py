@@ -57,6 +57,7 @@ def test_defaults_follow_the_paper():
         ("--reward.weights={'hpsv2': 'high'}", "reward.weights.hpsv2' expects float"),
         ("--sampler.groups=3", "unknown config key(s) ['sampler.groups']"),
         ("--optim.lr=-1e-5", "optim.lr must be >= 0"),
+        ("--run.fsdp=true", "run.fsdp is not supported by the IPPO trainer"),
         ("--reward.plugins=['toy']", "must look like name=package.module:function"),
     ],
 )

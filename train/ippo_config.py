@@ -77,6 +77,12 @@ class IPPORunConfig(RunConfig):
     log_every: int = 1  # TensorBoard scalars every N iterations
     sample_every: int = 50  # rollout preview grid (images with their rewards) every N iterations; 0 = off
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fsdp:
+            raise ValueError("run.fsdp is not supported by the IPPO trainer (each rank holds the whole model); "
+                             "set run.fsdp = false")
+
 
 @dataclass(frozen=True)
 class IPPOMoEConfig(MoEConfig):

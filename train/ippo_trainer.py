@@ -23,7 +23,14 @@ from torch import Tensor
 from .cache import LatentCache, TinyEncoder, file_hash
 from .checkpoint import list_checkpoints, load_checkpoint, set_rng_state
 from .data import epoch_batches, rank_slice, read_manifest
-from .distributed import DistInfo, average_gradients, barrier, setup_distributed, teardown_distributed
+from .distributed import (
+    DistInfo,
+    average_gradients,
+    barrier,
+    load_optimizer_state,
+    setup_distributed,
+    teardown_distributed,
+)
 
 # the IDAR trainer's run bookkeeping is shared: data position, checkpoint choice and saving, TensorBoard + tqdm
 from .idar import Position, _observers, _resume_path, _save, export_weights, load_trainable, lr_factor, sample_generator
@@ -107,7 +114,7 @@ def _train(cfg: IPPOConfig, info: DistInfo) -> Path:
     if resume is not None:
         state = load_checkpoint(resume, cfg.to_dict())
         load_trainable(policy.backend, state["trainable"], resume)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(policy.backend, optimizer, state["optimizer"], sharded=False)
         scheduler.load_state_dict(state["scheduler"])
         pos = Position(**state["position"])
         set_rng_state(state["rng"])
