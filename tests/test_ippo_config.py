@@ -88,3 +88,15 @@ def test_reward_plugins_are_imported_by_name():
         build_rewards(RewardConfig(weights={"toy": 1.0}, plugins=("toy=no_such_module:f",)))
     with pytest.raises(ValueError, match="has no function 'nope'"):
         build_rewards(RewardConfig(weights={"toy": 1.0}, plugins=("toy=ippo_toy:nope",)))
+
+
+def test_reward_ranks_are_the_last_ones_and_serve_generators_round_robin():
+    from multisubject.train.reward_ranks import Roles
+
+    roles = Roles.split(world_size=8, reward_ranks=2)
+    assert roles.generators == (0, 1, 2, 3, 4, 5) and roles.scorers == (6, 7)
+    assert [roles.scorer_of(g) for g in roles.generators] == [6, 7, 6, 7, 6, 7]
+    assert roles.clients_of(7) == [1, 3, 5]
+    assert Roles.split(1, 0).scorers == ()
+    with pytest.raises(ValueError, match="leaves no generating rank"):
+        Roles.split(2, 2)

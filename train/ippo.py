@@ -137,6 +137,31 @@ def rollout(
     return Rollout(tuple(groups), cond, trajectory, images)
 
 
+def merge_rollouts(policy: Policy, parts: Sequence[Rollout], group_size: int) -> Rollout:
+    """One rollout batch from rollouts of single groups (same window and schedule), groups in order."""
+    groups = tuple(g for part in parts for g in part.groups)
+    trajectories = [part.trajectory for part in parts]
+    trajectory = Trajectory(
+        final=torch.cat([t.final for t in trajectories]),
+        latents=torch.cat([t.latents for t in trajectories]),
+        next_latents=torch.cat([t.next_latents for t in trajectories]),
+        log_probs=torch.cat([t.log_probs for t in trajectories]),
+        window=trajectories[0].window,
+        sigmas=trajectories[0].sigmas,
+    )
+    return Rollout(groups, policy.condition(groups, group_size), trajectory, torch.cat([p.images for p in parts]))
+
+
+class GroupScorer(Protocol):
+    """Rewards computed elsewhere (``reward_ranks``): groups are submitted one by one as soon as they are decoded."""
+
+    def submit(self, position: int, images: Tensor) -> None:
+        """Images (G, H, W, 3) of the ``position``-th prompt group of this rank's batch."""
+
+    def collect(self) -> RewardResult:
+        """Scores of every submitted group, in submission order."""
+
+
 def score(rollout: Rollout, rewards: dict[str, Reward], group_size: int) -> RewardResult:
     """Every reward on the rollout's images, one prompt group's entries repeated for each of its images."""
     inputs = RewardInputs(
@@ -251,16 +276,27 @@ def ippo_iteration(
     device: torch.device | str = "cpu",
     sync_gradients: GradientSync | None = None,
     any_rank: Callable[[bool], bool] = bool,
+    remote: GroupScorer | None = None,
 ) -> IterationResult:
     """Rollout -> rewards -> advantages -> one GSPO update (skipped on every rank when all advantages are 0).
 
     ``any_rank(flag)`` is True when ``flag`` is True on any rank (an all-reduce under torchrun), so every rank
-    takes the same decision about the optimizer step.
+    takes the same decision about the optimizer step. With a ``remote`` scorer, groups are rolled out one at a time
+    and each is scored elsewhere while the next one is sampled; ``reward`` is then the time spent waiting for scores.
     """
     clock = _Clock(device)
-    batch = rollout(policy, groups, rollout_config, sigmas, window, generators, device)
-    clock.lap("rollout")
-    result = score(batch, rewards, rollout_config.group_size)
+    if remote is None:
+        batch = rollout(policy, groups, rollout_config, sigmas, window, generators, device)
+        clock.lap("rollout")
+        result = score(batch, rewards, rollout_config.group_size)
+    else:
+        parts = []
+        for k, (group, gen) in enumerate(zip(groups, generators)):
+            parts.append(rollout(policy, [group], rollout_config, sigmas, window, [gen], device))
+            remote.submit(k, parts[-1].images)
+        batch = merge_rollouts(policy, parts, rollout_config.group_size)
+        clock.lap("rollout")
+        result = remote.collect()
     clock.lap("reward")
     adv = advantages(result, weights, rollout_config.group_size, gspo)
     loss = None

@@ -7,7 +7,8 @@ model code. The loop reads like the algorithm box; every step is a function of `
 
 Distribution: every rank samples whole prompt groups (``sampler.groups_per_rank`` per iteration), scores them and
 normalizes advantages within each group, so no rank needs another's rewards to learn; gradients are averaged over
-ranks (one optimizer step per iteration), and rewards are gathered only for logging.
+ranks (one optimizer step per iteration), and rewards are gathered only for logging. With ``reward.ranks = N`` the
+last N ranks hold the reward models and only score (``reward_ranks.py``); the others only generate.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .cache import LatentCache, TinyEncoder, file_hash
-from .checkpoint import list_checkpoints, load_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, set_rng_state
 from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
     DistInfo,
@@ -37,7 +38,8 @@ from .idar import Position, _observers, _resume_path, _save, export_weights, loa
 from .ippo import IterationResult, PromptGroup, RolloutConfig, ippo_iteration
 from .ippo_config import IPPOConfig
 from .ippo_flux import FluxPolicy, TinyDecoder, load_prompt_groups, load_stage1_weights
-from .rewards import build_rewards
+from .reward_ranks import RemoteScorer, Roles, serve_rewards
+from .rewards import build_rewards, check_reward_config, load_plugins
 from .rollout_preview import render_rollout_grid
 from .sde import sigma_schedule
 
@@ -93,12 +95,25 @@ def train_ippo(cfg: IPPOConfig) -> Path:
         teardown_distributed()
 
 
-def _train(cfg: IPPOConfig, info: DistInfo) -> Path:
+def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
     out_dir = Path(cfg.run.out_dir)
-    rewards = build_rewards(cfg.reward)  # fails fast on unknown rewards or missing model files
+    roles = Roles.split(world.world_size, cfg.reward.ranks)
+    scoring_here = cfg.reward.ranks == 0 or world.rank in roles.scorers
+    # every rank checks the reward config (fails fast on unknown rewards or missing files); scorers load the models
+    rewards = build_rewards(cfg.reward) if scoring_here else {}
+    check_reward_config(cfg.reward, load_plugins(cfg.reward.plugins))
     weights = cfg.reward.active()
     prompts = load_prompts(cfg)
     buckets = prompt_buckets(prompts)
+    # the generating ranks: all of them, or all but the last reward.ranks, with their own process group
+    group = dist.new_group(list(roles.generators)) if cfg.reward.ranks else None
+    if world.rank in roles.scorers:
+        start = _resume_path(cfg, out_dir)
+        start_step = load_checkpoint(start, cfg.to_dict())["position"]["step"] if start is not None else 0
+        serve_rewards(rewards, prompts, cfg.sampler.group_size, cfg.sampler.groups_per_rank, roles, world,
+                      start_step, cfg.run.save_every)
+        return out_dir / EXPORT_NAME
+    info = DistInfo(roles.generators.index(world.rank), len(roles.generators), world.local_rank, world.device)
     global_groups = cfg.sampler.groups_per_rank * info.world_size
     if not epoch_batches(buckets, global_groups, cfg.run.seed, 0):
         raise ValueError(f"no set of compatible prompts holds {global_groups} prompt groups (groups_per_rank x ranks); "
@@ -126,6 +141,9 @@ def _train(cfg: IPPOConfig, info: DistInfo) -> Path:
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     writer, bar = _observers(cfg, info, out_dir, pos.step, desc="ippo")
+    remote = None
+    if cfg.reward.ranks:
+        remote = RemoteScorer(roles.scorer_of(world.rank), sorted(weights), cfg.sampler.group_size, world.device)
     epoch: tuple[int, list[list[int]]] = (-1, [])
     try:
         while pos.step < cfg.run.max_steps and not stop["sigterm"]:
@@ -135,28 +153,33 @@ def _train(cfg: IPPOConfig, info: DistInfo) -> Path:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
                 continue
             slots = rank_slice(list(range(global_groups)), info.rank, info.world_size)  # global group positions
-            mine = [prompts[epoch[1][pos.batch][k]] for k in slots]
+            indices = [epoch[1][pos.batch][k] for k in slots]
+            mine = [prompts[i] for i in indices]
             sigmas = _sigmas(cfg, mine[0])
             result = ippo_iteration(
                 policy, params, optimizer, mine, rewards, weights, rollout_cfg, cfg.gspo, sigmas,
                 window.steps(pos.step), [sample_generator(cfg.run.seed, pos.step, k) for k in slots],
                 cfg.optim.micro_batch, cfg.optim.grad_clip, info.device,
-                sync_gradients=lambda ps: average_gradients(ps, info), any_rank=lambda flag: _any_rank(flag, info),
+                sync_gradients=lambda ps: average_gradients(ps, info, group),
+                any_rank=lambda flag: _any_rank(flag, info, group),
+                remote=None if remote is None else _Submit(remote, pos.step, indices),
             )
             scheduler.step()
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
-            _log(writer, bar, result, scheduler.get_last_lr()[0], pos.step, cfg, info)
+            _log(writer, bar, result, scheduler.get_last_lr()[0], pos.step, cfg, info, group)
             if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
                 _preview(result, mine, cfg, out_dir / "samples" / f"iter_{pos.step:08d}.png")
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
-                _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, info)
-        found = list_checkpoints(out_dir)
-        if not found or found[-1].name != f"step_{pos.step:08d}":
-            _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, info)
+                _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, world)  # world: scorers join barriers
+        final_save = not (cfg.run.save_every and pos.step % cfg.run.save_every == 0 and pos.step > 0)
+        if remote is not None:
+            remote.finish(final_save)
+        if final_save:
+            _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, world)
         export = out_dir / EXPORT_NAME
         if info.is_main and not stop["sigterm"]:
             export_weights(policy.backend, cfg, export)
-        barrier(info)
+        barrier(world)
         return export
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -172,12 +195,25 @@ def _sigmas(cfg: IPPOConfig, group: PromptGroup) -> Tensor:
     return sigma_schedule(cfg.sampler.num_steps, image_seq_len=tokens if cfg.sampler.time_shift else None)
 
 
-def _any_rank(flag: bool, info: DistInfo) -> bool:
+def _any_rank(flag: bool, info: DistInfo, group=None) -> bool:
     if info.world_size == 1:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item() > 0)
+
+
+class _Submit:
+    """``ippo.GroupScorer`` over a ``RemoteScorer``: binds the iteration and the prompt indices of this batch."""
+
+    def __init__(self, remote: RemoteScorer, iteration: int, indices: list[int]) -> None:
+        self.remote, self.iteration, self.indices = remote, iteration, indices
+
+    def submit(self, position: int, images: Tensor) -> None:
+        self.remote.submit(self.iteration, self.indices[position], images)
+
+    def collect(self):
+        return self.remote.collect()
 
 
 # observability
@@ -197,12 +233,13 @@ def iteration_metrics(result: IterationResult, lr: float) -> dict[str, Tensor]:
     return {k: v.detach().float().cpu() for k, v in metrics.items()}
 
 
-def _log(writer, bar, result: IterationResult, lr: float, step: int, cfg: IPPOConfig, info: DistInfo) -> None:
+def _log(writer, bar, result: IterationResult, lr: float, step: int, cfg: IPPOConfig, info: DistInfo,
+         group=None) -> None:
     metrics = iteration_metrics(result, lr)
     if info.world_size > 1:  # every rank has the same keys: the same rewards, and the update is skipped on all or none
         keys = sorted(metrics)
         values = torch.stack([metrics[k] for k in keys]).to(info.device)
-        dist.all_reduce(values)
+        dist.all_reduce(values, group=group)
         metrics = dict(zip(keys, (values / info.world_size).cpu()))
     if bar is not None:
         bar.update(1)

@@ -77,6 +77,7 @@ class RewardConfig:
     # in `weights` like the built-ins (e.g. a toy reward in tests, or your own aesthetic model)
     plugins: tuple[str, ...] = ()
     use_layout: bool = False  # give rewards each prompt's layout (from its manifest masks); off: no layout
+    ranks: int = 0  # the last N ranks only score (reward models live there) while the others generate; 0 = none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", MappingProxyType({str(k): float(v) for k, v in dict(self.weights).items()}))

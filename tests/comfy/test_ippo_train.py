@@ -130,6 +130,20 @@ def test_two_process_torchrun_equals_one_process_with_the_same_prompt_groups(pro
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
 
 
+def test_reward_rank_scoring_for_two_generators_equals_one_process_scoring_itself(prompts, tmp_path):
+    """3 processes: ranks 0 and 1 generate (one prompt group each, sent to the scorer group by group), rank 2 only
+    holds the rewards; the weights match one process that samples and scores both groups itself."""
+    common = [*prompts, "--run.max_steps=2", "--run.save_every=1"]
+    _run("train", "ippo", *common, f"--run.out_dir={tmp_path / 'one'}", "--sampler.groups_per_rank=2")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           "-m", "multisubject", "train", "ippo", *common, f"--run.out_dir={tmp_path / 'split'}",
+                           "--sampler.groups_per_rank=1", "--reward.ranks=1"], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, split = (_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "split"))
+    _assert_close(one, split, atol=1e-4)  # groups are sampled one at a time there: batch-size numerics only
+
+
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tmp_path):
     common = ["train", "ippo", *prompts, "--run.max_steps=12", "--run.save_every=1", "--run.keep_last=2"]
     _run(*common, f"--run.out_dir={tmp_path / 'straight'}")
