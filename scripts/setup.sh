@@ -20,7 +20,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
 # torch + torchvision from the index's defaults (CUDA builds; they run on CPU). ComfyUI imports torchvision.
 pip install torch torchvision
-pip install -e ".[dev,eval,train]"  # eval: identity scoring + benchmark CLI; train: TensorBoard, tqdm
+pip install -e ".[dev,eval,train]"  # eval: identity scoring + benchmark CLI; train: the trainers' extras
 if [ -n "$COMFYUI" ]; then
   echo "setup: ComfyUI found at $COMFYUI; installing its requirements"
   # torch/torchvision are installed above; torchaudio is optional (audio nodes only)

@@ -73,14 +73,15 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], confi
     return final
 
 
-def load_checkpoint(path: str | Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint folder; refuses one written with a different config (naming the differing keys).
-    The caller restores RNG with ``set_rng_state(state["rng"])`` after rebuilding everything else."""
+def load_checkpoint(path: str | Path, config: dict[str, Any], resumable: tuple[str, ...] = RESUMABLE_KEYS) -> dict[str, Any]:
+    """Load a checkpoint folder; refuses one written with a different config (naming the differing keys), except
+    keys starting with one of ``resumable``. The caller restores RNG with ``set_rng_state(state["rng"])`` after
+    rebuilding everything else."""
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise ValueError(f"{path} is not a checkpoint folder (no state.pt); pick one under <out_dir>/checkpoints/")
     saved = json.loads((path / "config.json").read_text())
-    diff = [d for d in config_diff(saved, config) if not d.startswith(RESUMABLE_KEYS)]
+    diff = [d for d in config_diff(saved, config) if not d.startswith(resumable)]
     if diff:
         raise ValueError(f"checkpoint {path} was made with a different config; differing keys:\n  " + "\n  ".join(diff)
                          + "\nresume with the original config, or start fresh with --run.resume=\"\" and a new run.out_dir")

@@ -22,7 +22,14 @@ from torch import Tensor
 
 from ..attention.moe_lora import load_balancing_loss
 from ..attention.weights import LoRAConfig as WeightsLoRAConfig
-from ..attention.weights import LoRAPair, MoEExperts, MultiCrafterWeights, save_multicrafter_weights
+from ..attention.weights import (
+    LoRAPair,
+    MoEExperts,
+    MultiCrafterWeights,
+    check_against_model,
+    module_features,
+    save_multicrafter_weights,
+)
 from .cache import LatentCache, empty_text_key, file_hash
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .config import IDARConfig
@@ -30,6 +37,7 @@ from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
     DistInfo,
     all_mean,
+    any_rank,
     average_gradients,
     barrier,
     full_optimizer_state,
@@ -167,7 +175,7 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
 
 
 def check_finite(terms: dict[str, Tensor], step: int, lines: list[int]) -> None:
-    bad = {k: float(v) for k, v in terms.items() if v.ndim == 0 and not torch.isfinite(v)}
+    bad = {k: float(v.detach()) for k, v in terms.items() if v.ndim == 0 and not torch.isfinite(v)}
     if bad:
         raise RuntimeError(f"non-finite loss at step {step} ({bad}) on the batch of manifest lines {lines}; training "
                            "stopped. Lower optim.lr, check those samples, or resume from the last checkpoint")
@@ -244,6 +252,7 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
             metrics.update(grad_norm=grad_norm, lr=torch.tensor(scheduler.get_last_lr()[0]),
                            step_time=torch.tensor(time.perf_counter() - started))
             _log(writer, bar, metrics, pos.step, cfg, info)
+            stop["sigterm"] = any_rank(stop["sigterm"], info)
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
                 _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
             if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
@@ -386,6 +395,7 @@ def export_weights(backend, cfg: IDARConfig, path: str | Path, write: bool = Tru
     moe_config = backend.moe_config or MoELoRAConfig(targets=())
     moe = {p: MoEExperts(*(tensor(m, a) for a in ("router", "lora_A", "lora_B"))) for p, m in backend.moes.items()}
     weights = MultiCrafterWeights(moe_config, moe, lora_config, lora, train_config=cfg.to_dict())
+    check_against_model(weights, module_features(backend.flux, weights), "the trained model")  # as the loader does
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

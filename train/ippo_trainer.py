@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .cache import LatentCache, TinyEncoder, file_hash
-from .checkpoint import load_checkpoint, set_rng_state
+from .checkpoint import RESUMABLE_KEYS, load_checkpoint, set_rng_state
 from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
     DistInfo,
@@ -44,6 +44,10 @@ from .rollout_preview import render_rollout_grid
 from .sde import sigma_schedule
 
 EXPORT_NAME = "multicrafter_ippo.safetensors"
+# config keys that may change when resuming: the IDAR ones, plus where the reward models are and who runs them, and
+# the stage-1 file (the checkpoint's adapters replace it anyway)
+RESUMABLE = RESUMABLE_KEYS + ("reward.clip_dir", "reward.hps_checkpoint", "reward.insightface_root",
+                              "reward.object_model_dir", "reward.device", "reward.ranks", "init.weights")
 log = logging.getLogger("multisubject.train")
 
 
@@ -109,7 +113,7 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
     group = dist.new_group(list(roles.generators)) if cfg.reward.ranks else None
     if world.rank in roles.scorers:
         start = _resume_path(cfg, out_dir)
-        start_step = load_checkpoint(start, cfg.to_dict())["position"]["step"] if start is not None else 0
+        start_step = load_checkpoint(start, cfg.to_dict(), RESUMABLE)["position"]["step"] if start is not None else 0
         serve_rewards(rewards, prompts, cfg.sampler.group_size, cfg.sampler.groups_per_rank, roles, world,
                       start_step, cfg.run.save_every)
         return out_dir / EXPORT_NAME
@@ -127,7 +131,7 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
     pos = Position()
     resume = _resume_path(cfg, out_dir)
     if resume is not None:
-        state = load_checkpoint(resume, cfg.to_dict())
+        state = load_checkpoint(resume, cfg.to_dict(), RESUMABLE)
         load_trainable(policy.backend, state["trainable"], resume)
         load_optimizer_state(policy.backend, optimizer, state["optimizer"], sharded=False)
         scheduler.load_state_dict(state["scheduler"])

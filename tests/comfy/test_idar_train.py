@@ -259,4 +259,48 @@ def test_idar_raises_attention_mask_dice_well_above_the_flow_only_run(comfy, tmp
             dice[lam] = evaluate_dice(load_run(cfg), cache, cfg)
     finally:
         torch.set_num_threads(threads)
+    print(f"attention-vs-mask Dice after 200 steps: lambda=1: {dice[1.0]:.3f}, lambda=0: {dice[0.0]:.3f}")
     assert dice[1.0] > 0.5 and dice[1.0] > dice[0.0] + 0.25, dice
+
+
+# loop details (in-process, tiny)
+
+
+def _inprocess_cfg(config, out, *extra):
+    return load_config(config, [*FAST, f"--run.out_dir={out}", "--run.save_every=0", "--moe.balance_weight=0", *extra])
+
+
+def test_gradient_accumulation_equals_the_larger_micro_batch_and_tensorboard_gets_the_scalars(small, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from multisubject.train.idar import train_idar
+
+    root, config = small
+    big = train_idar(_inprocess_cfg(config, tmp_path / "big", "--optim.micro_batch=2", "--run.max_steps=2",
+                                    "--run.log_every=1"))
+    accum = train_idar(_inprocess_cfg(config, tmp_path / "acc", "--optim.micro_batch=1", "--optim.grad_accum=2",
+                                      "--run.max_steps=2"))
+    _assert_close(_weights(big), _weights(accum), atol=1e-6)
+    events = EventAccumulator(str(tmp_path / "big" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/flow", "train/idar", "train/balance", "train/lr", "train/grad_norm", "train/step_time",
+            "dice/subject_0", "dice/subject_1", "router_load/expert_0", "router_load/expert_1"} <= tags
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_batch(small, tmp_path, monkeypatch):
+    import multisubject.train.idar as idar
+
+    root, config = small
+    calls = {"n": 0}
+    real = idar.flow_loss
+
+    def poisoned(v, noise, x0):
+        calls["n"] += 1
+        loss = real(v, noise, x0)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(idar, "flow_loss", poisoned)
+    with pytest.raises(RuntimeError, match=r"non-finite loss at step 2 \(.*'flow': nan.*\) on the batch of manifest "
+                                           r"lines \[\d+, \d+\]"):
+        idar.train_idar(_inprocess_cfg(config, tmp_path / "nan", "--optim.micro_batch=2", "--run.max_steps=3"))
