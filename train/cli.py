@@ -15,7 +15,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ippo = train_cmds.add_parser("ippo", help="MultiCrafter stage 2: online RL (GSPO) with the Multi-ID, CLIP and HPSv2 rewards")
     ippo.add_argument("--config", type=Path, help="TOML config; further --section.key=value arguments override it")
     export = train_cmds.add_parser("export", help="export a checkpoint's adapters as a MultiCrafter weight file")
-    export.add_argument("--config", type=Path, required=True)
+    export.add_argument("--config", type=Path, help="the run's TOML config (IDAR or IPPO); --section.key=value overrides apply too")
     export.add_argument("--checkpoint", type=Path, required=True, help="a folder <out_dir>/checkpoints/step_<N>")
     export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
 

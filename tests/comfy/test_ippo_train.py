@@ -96,6 +96,10 @@ def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(c
     for tag in ("reward/brightness", "advantage/std", "gspo/clip_fraction", "gspo/ratio_mean", "gspo/kl",
                 "time/rollout", "time/reward", "time/update", "time/reward_brightness", "window/start"):
         assert tag in tags, tags
+    # `train export` of the last checkpoint writes the same adapters (an IPPO config is recognised by its sections)
+    again = tmp_path / "again.safetensors"
+    assert cli(["train", "export", *args, "--checkpoint", str(out / "checkpoints" / "step_00000002"), "--out", str(again)]) == 0
+    _assert_close(_weights(exported), _weights(again), atol=0.0)
     # the loader node on a fresh copy of the base model gives the trained policy's prediction
     cfg = load_ippo_config(None, args)
     trained = load_run(cfg)
