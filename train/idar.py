@@ -31,7 +31,7 @@ from ..attention.weights import (
     save_multicrafter_weights,
 )
 from .cache import LatentCache, empty_text_key, file_hash
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import checkpoint_root, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .config import IDARConfig
 from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
@@ -191,7 +191,8 @@ class Position:
 
 
 def train_idar(cfg: IDARConfig) -> Path:
-    """Train; returns the exported weight file. Safe to kill at any point: re-running resumes (run.resume=auto)."""
+    """Train; returns the exported weight file (or, when stopped by SIGTERM, the checkpoint it saved). Safe to kill
+    at any point: re-running resumes (run.resume=auto)."""
     info = setup_distributed()
     try:
         return _train(cfg, info)
@@ -236,6 +237,7 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     writer, bar = _observers(cfg, info, out_dir, pos.step)
     epoch_cache: tuple[int, list[list[int]]] = (-1, [])
+    saved_step = pos.step if resume is not None else -1
     try:
         while pos.step < cfg.run.max_steps and not stop["sigterm"]:
             if epoch_cache[0] != pos.epoch:
@@ -255,15 +257,17 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
             stop["sigterm"] = any_rank(stop["sigterm"], info)
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
                 _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
+                saved_step = pos.step
             if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
                 from .preview import write_preview
 
                 write_preview(backend, cache, epoch_cache[1][0][0], cfg, blocks, out_dir / "samples" / f"step_{pos.step:08d}.png")
-        if not list_checkpoints(out_dir) or list_checkpoints(out_dir)[-1].name != f"step_{pos.step:08d}":
+        if saved_step != pos.step:
             _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
-        export = out_dir / EXPORT_NAME
-        if not stop["sigterm"]:
-            export_weights(backend, cfg, export, write=info.is_main)
+        if stop["sigterm"]:
+            log.info("stopped by SIGTERM at step %d; checkpoint saved; run the same command again to resume", pos.step)
+            return checkpoint_root(out_dir) / f"step_{pos.step:08d}"
+        export = export_weights(backend, cfg, out_dir / EXPORT_NAME, write=info.is_main)
         barrier(info)
         return export
     finally:
