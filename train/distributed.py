@@ -69,13 +69,13 @@ def all_mean(value: Tensor, info: DistInfo) -> Tensor:
     return value / info.world_size
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
+def any_rank(flag: bool, info: DistInfo, group=None) -> bool:
     """True on every rank if ``flag`` is set on any rank (e.g. SIGTERM reached only some ranks): all ranks then stop
-    after the same step instead of deadlocking in the next collective."""
+    after the same step instead of deadlocking in the next collective. ``group``: a subgroup of ``info.world_size``."""
     if info.world_size == 1:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
 
 

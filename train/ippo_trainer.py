@@ -26,6 +26,7 @@ from .checkpoint import RESUMABLE_KEYS, load_checkpoint, set_rng_state
 from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
     DistInfo,
+    any_rank,
     average_gradients,
     barrier,
     load_optimizer_state,
@@ -149,6 +150,7 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
     if cfg.reward.ranks:
         remote = RemoteScorer(roles.scorer_of(world.rank), sorted(weights), cfg.sampler.group_size, world.device)
     epoch: tuple[int, list[list[int]]] = (-1, [])
+    saved_step = pos.step if resume is not None else -1
     try:
         while pos.step < cfg.run.max_steps and not stop["sigterm"]:
             if epoch[0] != pos.epoch:
@@ -165,17 +167,19 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
                 window.steps(pos.step), [sample_generator(cfg.run.seed, pos.step, k) for k in slots],
                 cfg.optim.micro_batch, cfg.optim.grad_clip, info.device,
                 sync_gradients=lambda ps: average_gradients(ps, info, group),
-                any_rank=lambda flag: _any_rank(flag, info, group),
+                any_rank=lambda flag: any_rank(flag, info, group),
                 remote=None if remote is None else _Submit(remote, pos.step, indices),
             )
             scheduler.step()
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
             _log(writer, bar, result, scheduler.get_last_lr()[0], pos.step, cfg, info, group)
+            stop["sigterm"] = any_rank(stop["sigterm"], info, group)  # every generator stops after the same iteration
             if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
                 _preview(result, mine, cfg, out_dir / "samples" / f"iter_{pos.step:08d}.png")
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
                 _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, world)  # world: scorers join barriers
-        final_save = not (cfg.run.save_every and pos.step % cfg.run.save_every == 0 and pos.step > 0)
+                saved_step = pos.step
+        final_save = saved_step != pos.step
         if remote is not None:
             remote.finish(final_save)
         if final_save:
@@ -197,14 +201,6 @@ def _sigmas(cfg: IPPOConfig, group: PromptGroup) -> Tensor:
     _, h, w = group.conditioning.latent_shape
     tokens = ((h + 1) // 2) * ((w + 1) // 2)  # Flux 2x2 patches
     return sigma_schedule(cfg.sampler.num_steps, image_seq_len=tokens if cfg.sampler.time_shift else None)
-
-
-def _any_rank(flag: bool, info: DistInfo, group=None) -> bool:
-    if info.world_size == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item() > 0)
 
 
 class _Submit:
