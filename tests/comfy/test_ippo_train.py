@@ -165,6 +165,25 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tm
                   _weights(out / "multicrafter_ippo.safetensors"), atol=0.0)
 
 
+def test_sigterm_saves_a_checkpoint_at_the_current_iteration_and_resume_refuses_a_changed_config(prompts, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "ippo", *prompts, f"--run.out_dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "multisubject", *common, "--run.max_steps=100000",
+                             "--run.save_every=3", "--run.keep_last=10"], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step_00000003").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    state = torch.load(sorted((out / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+    assert state["step"] >= 3 and state["position"]["step"] == state["step"]  # saved at the iteration it stopped
+    assert not (out / "multicrafter_ippo.safetensors").exists()
+    changed = _run(*common, "--run.max_steps=100000", "--gspo.clip_range=0.2", check=False)
+    assert changed.returncode == 1 and "gspo.clip_range: 0.05 -> 0.2" in changed.stderr
+
+
 def test_bad_inputs_stop_training_with_a_clear_message(prompts, tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"image": "t.png", "caption": "x", "references": [], "masks": []}\n')
