@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .anyms import ApplyAnyMS, EncodeSubjects, LoadIPAdapter
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
 from .moe_lora import LoadMoELoRA
 from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
@@ -17,6 +18,9 @@ NODES: list[type[io.ComfyNode]] = [
     LayoutFromMasks,
     PreviewLayout,
     LayoutToMasks,
+    LoadIPAdapter,
+    EncodeSubjects,
+    ApplyAnyMS,
     MultiCrafterReferences,
     LoadMoELoRA,
     ApplyMultiCrafter,

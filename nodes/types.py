@@ -13,6 +13,8 @@ CATEGORY = "multisubject"
 SUBJECTS = io.Custom(f"{PREFIX}SUBJECTS")  # attention.Subjects: ordered subject records
 LAYOUT = io.Custom(f"{PREFIX}LAYOUT")  # attention.Layout: canvas + one region per subject
 FLUX_REFERENCES = io.Custom(f"{PREFIX}FLUX_REFERENCES")  # attention.unope.FluxReferences: refs appended to a cond
+IPADAPTER = io.Custom(f"{PREFIX}IPADAPTER")  # attention.ip_adapter.IPAdapter: projection model + per-site K/V weights
+ENCODED_SUBJECTS = io.Custom(f"{PREFIX}ENCODED_SUBJECTS")  # attention.anyms.EncodedSubjects: adapter tokens per subject
 
 
 def mask_batch(mask):

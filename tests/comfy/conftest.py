@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from workflow_tools import seed_model_placeholders
 
 from multisubject.headless import PACK_DIR, ComfyServer, find_comfyui
 
@@ -48,6 +49,7 @@ def server():
     """One ComfyUI server for the whole run, with this pack and the test-only fixture pack."""
     base_dir = Path(tempfile.mkdtemp(prefix="multisubject-test-comfy-"))
     srv = ComfyServer(find_comfyui(), base_dir, extra_packs={"multisubject_test_fixtures": FIXTURE_PACK})
+    seed_model_placeholders(base_dir)  # shipped workflows name real model files; tests swap in tiny ones
     srv.start()
     yield srv
     srv.stop()

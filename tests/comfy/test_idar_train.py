@@ -237,6 +237,10 @@ def test_bad_inputs_stop_training_with_a_clear_message(small, tmp_path, capsys):
     assert cli(["train", "idar", "--config", str(config), "--model.tiny=false", f"--run.out_dir={tmp_path / 'r'}",
                 f"--model.diffusion_model={tmp_path / 'flux.safetensors'}"]) == 1
     assert "flux.safetensors does not exist" in capsys.readouterr().err
+    assert cli(["data", "cache", "--config", str(config), "--model.tiny=false", "--model.diffusion_model=f",
+                f"--model.vae={tmp_path / 'ae.safetensors'}"]) == 1
+    err = capsys.readouterr().err
+    assert "needs the VAE and both text encoders" in err and "ae.safetensors" in err and "model.t5 = ''" in err
 
 
 # it learns

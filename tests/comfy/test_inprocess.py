@@ -19,7 +19,8 @@ def test_comfyui_registers_every_node_under_one_prefix_and_category(comfy):
         for item in schema.inputs:
             assert item.tooltip, f"{node_id}.{item.id} has no tooltip"
         custom = [t for t in (i.io_type for i in schema.inputs + schema.outputs) if t.startswith("MS_")]
-        assert all(t in ("MS_SUBJECTS", "MS_LAYOUT", "MS_FLUX_REFERENCES") for t in custom)
+        assert all(t in ("MS_SUBJECTS", "MS_LAYOUT", "MS_FLUX_REFERENCES", "MS_IPADAPTER", "MS_ENCODED_SUBJECTS")
+                   for t in custom)
 
 
 def test_node_list_holds_the_foundation_nodes_once():
