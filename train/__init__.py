@@ -7,6 +7,8 @@ Shape legend (same letters as ``attention/``):
     L   image tokens (= h * w)     N   joint tokens (T_txt + L + refs)
     h, w  token-grid height/width  C   latent channels
     T_txt text tokens              E   MoE experts
+    G   group size (IPPO: images per prompt group)
+    K   denoising steps of a rollout   W   steps inside the SDE window
 
 Pieces meant for reuse by other trainers (e.g. stage 2, IPPO):
     config.load_config(path, overrides, cls)   TOML + ``--section.key=value`` into any frozen config dataclass tree

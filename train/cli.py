@@ -12,8 +12,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train_cmds = train.add_subparsers(dest="trainer", required=True)
     idar = train_cmds.add_parser("idar", help="MultiCrafter stage 1: flow + IDAR Dice loss, MoE-LoRA + attention LoRA")
     idar.add_argument("--config", type=Path, help="TOML config; further --section.key=value arguments override it")
+    ippo = train_cmds.add_parser("ippo", help="MultiCrafter stage 2: online RL (GSPO) with the Multi-ID, CLIP and HPSv2 rewards")
+    ippo.add_argument("--config", type=Path, help="TOML config; further --section.key=value arguments override it")
     export = train_cmds.add_parser("export", help="export a checkpoint's adapters as a MultiCrafter weight file")
-    export.add_argument("--config", type=Path, required=True)
+    export.add_argument("--config", type=Path, help="the run's TOML config (IDAR or IPPO); --section.key=value overrides apply too")
     export.add_argument("--checkpoint", type=Path, required=True, help="a folder <out_dir>/checkpoints/step_<N>")
     export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
 
@@ -40,7 +42,7 @@ def run_command(args: argparse.Namespace, extra: list[str]) -> int:
         if args.command == "data":
             return _data(args, extra)
         return _train(args, extra)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -58,10 +60,9 @@ def _data(args, extra: list[str]) -> int:
         print(f"preview: {preview}")
         return 1 if report.problems else 0
     from .cache import TinyEncoder, build_cache, file_hash
-    from .config import load_config
     from .data import read_manifest
 
-    cfg = load_config(args.config, extra)
+    cfg = load_any_config(args.config, extra)
     rows = read_manifest(cfg.data.manifest)
     if cfg.model.tiny:
         encoder = TinyEncoder(cfg.model.tiny_context_dim, cfg.model.tiny_vec_dim)
@@ -76,12 +77,42 @@ def _data(args, extra: list[str]) -> int:
 
 
 def _train(args, extra: list[str]) -> int:
-    from .config import load_config
     from .idar import export_checkpoint, train_idar
 
-    cfg = load_config(args.config, extra)
-    if args.trainer == "export":
-        print(export_checkpoint(cfg, args.checkpoint, args.out))
+    if args.trainer == "ippo":
+        from .ippo_config import load_ippo_config
+        from .ippo_trainer import train_ippo
+
+        print(train_ippo(load_ippo_config(args.config, extra)))
         return 0
-    print(train_idar(cfg))
+    if args.trainer == "export":  # IDAR or IPPO checkpoint: the same adapters, the same format
+        print(export_checkpoint(load_any_config(args.config, extra), args.checkpoint, args.out))
+        return 0
+    from .config import load_config
+
+    print(train_idar(load_config(args.config, extra)))
     return 0
+
+
+IPPO_SECTIONS = ("init", "sampler", "gspo", "reward")  # sections only the IPPO config has
+
+
+def load_any_config(path: Path | None, extra: list[str]):
+    """The IDAR or the IPPO config, whichever the file (or the overrides) describe: an IPPO config is one with any
+    of the sections ``IPPO_SECTIONS``."""
+    import tomllib
+
+    from .config import load_config
+    from .ippo_config import load_ippo_config
+
+    sections = set()
+    if path is not None and Path(path).is_file():
+        with open(path, "rb") as fh:
+            try:
+                sections = set(tomllib.load(fh))
+            except tomllib.TOMLDecodeError:
+                pass  # the loader reports it
+    sections |= {item.lstrip("-").split(".")[0] for item in extra}
+    if sections & set(IPPO_SECTIONS):
+        return load_ippo_config(path, extra)
+    return load_config(path, extra)

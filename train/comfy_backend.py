@@ -336,3 +336,28 @@ class ComfyEncoder:
             contexts.append(cond[0])
             pooled.append(pool[0])
         return torch.stack(contexts), torch.stack(pooled)
+
+
+def load_vae_decoder(cfg: ModelConfig, device: torch.device):
+    """IPPO's decoder for real models: model-space Flux latents -> RGB through ComfyUI's FLUX VAE (``model.vae``).
+
+    Returns a function: latents (B, C, h, w) -> images (B, H, W, 3) float RGB in [0, 1] on ``device``.
+    """
+    import_comfy(cfg.comfyui)
+    import comfy.latent_formats
+    import comfy.sd
+    import comfy.utils
+
+    path = Path(cfg.vae).expanduser()
+    if not cfg.vae or not path.is_file():
+        raise ValueError(f"model.vae = '{cfg.vae}' does not exist; IPPO decodes its rollouts for the rewards and "
+                         "needs the FLUX VAE (ComfyUI/models/vae/ae.safetensors)")
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    latent_format = comfy.latent_formats.Flux()
+
+    def decode(latents: Tensor) -> Tensor:
+        with torch.no_grad():
+            images = vae.decode(latent_format.process_out(latents.float()))  # (B, H, W, 3) in [0, 1]
+        return images.float().clamp(0, 1).to(device)
+
+    return decode

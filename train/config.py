@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else (list(value) if isinstance(value, tuple) else value)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):  # e.g. IPPO's reward weights table
+            value = dict(value)
+        out[f.name] = value
     return out
 
 
@@ -258,6 +265,11 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         if len(items) != len(value):
             raise ValueError(f"config key '{key}' expects {len(items)} values, got {len(value)}")
         return tuple(_coerce(key, t, v) for t, v in zip(items, value))
+    if origin in (dict, Mapping):  # a TOML table of name = value
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' expects a table of name = value, got {value!r}")
+        value_kind = typing.get_args(kind)[1]
+        return {str(k): _coerce(f"{key}.{k}", value_kind, v) for k, v in value.items()}
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

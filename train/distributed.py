@@ -44,14 +44,15 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+def average_gradients(params: list[torch.nn.Parameter], info: DistInfo, group=None) -> None:
     """Data-parallel gradient sync (what DDP does, once per optimizer step after accumulation): one all-reduce
-    over a flat buffer of all trainable gradients, divided by the world size. Missing grads count as zero."""
+    over a flat buffer of all trainable gradients, divided by the world size. Missing grads count as zero.
+    ``group``: a process subgroup of ``info.world_size`` ranks (default: all ranks)."""
     if info.world_size == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     flat /= info.world_size
     offset = 0
     for p, g in zip(params, grads):
@@ -68,13 +69,13 @@ def all_mean(value: Tensor, info: DistInfo) -> Tensor:
     return value / info.world_size
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
+def any_rank(flag: bool, info: DistInfo, group=None) -> bool:
     """True on every rank if ``flag`` is set on any rank (e.g. SIGTERM reached only some ranks): all ranks then stop
-    after the same step instead of deadlocking in the next collective."""
+    after the same step instead of deadlocking in the next collective. ``group``: a subgroup of ``info.world_size``."""
     if info.world_size == 1:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
 
 

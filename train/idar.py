@@ -338,7 +338,7 @@ def _save(backend, optimizer, scheduler, pos: Position, cfg: IDARConfig, out_dir
 
 # observability
 
-def _observers(cfg: IDARConfig, info: DistInfo, out_dir: Path, step: int):
+def _observers(cfg: IDARConfig, info: DistInfo, out_dir: Path, step: int, desc: str = "idar"):
     if not info.is_main:
         return None, None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +354,7 @@ def _observers(cfg: IDARConfig, info: DistInfo, out_dir: Path, step: int):
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.run.max_steps, initial=step, desc="idar", dynamic_ncols=True)
+            bar = tqdm(total=cfg.run.max_steps, initial=step, desc=desc, dynamic_ncols=True)
         except ImportError:
             pass
     return writer, bar
