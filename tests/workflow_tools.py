@@ -15,8 +15,6 @@ from pathlib import Path
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# model files are named by the user's install; a test server has none, so such combo values are not checked
-MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 COLUMN_WIDTH, ROW_GAP = 400, 40
 
 
@@ -32,6 +30,8 @@ def ui_workflows() -> dict[str, dict]:
 MODEL_FILE_INPUTS = {
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
     "CLIPVisionLoader": {"clip_name": "clip_vision"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "MS_LoadMoELoRA": {"lora_name": "loras"},
     "MS_LoadIPAdapter": {"adapter_name": "ipadapter"},
     "LoraLoader": {"lora_name": "loras"},
     "UNETLoader": {"unet_name": "diffusion_models"},
@@ -43,7 +43,7 @@ def seed_model_placeholders(base_dir: Path) -> list[Path]:
     """Empty files under ``<base_dir>/models`` for every model file a shipped workflow names.
 
     A test server has no real weights; with these its loader combos list the names, so the shipped workflows pass
-    the server's own /prompt validation (``validate_api`` skips model-file names instead). Tests swap the loaders
+    the server's own /prompt validation and ``validate_api``. Tests swap the loaders
     for tiny fixtures, or overwrite a placeholder with a tiny file to run a real loader node under the real name.
     """
     made = []
@@ -114,8 +114,7 @@ def validate_api(api: dict, object_info: dict) -> list[str]:
                 continue
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             choices = spec[0] if isinstance(spec[0], list) else options.get("options")
-            is_model_file = isinstance(value, str) and value.endswith(MODEL_FILE_SUFFIXES)
-            if choices is not None and value not in choices and not is_model_file:
+            if choices is not None and value not in choices:
                 problems.append(f"node {node_id} ({kind}): {name}={value!r} not in {choices}")
             if "min" in options and value < options["min"] or "max" in options and value > options["max"]:
                 problems.append(f"node {node_id} ({kind}): {name}={value!r} outside [{options.get('min')}, {options.get('max')}]")
