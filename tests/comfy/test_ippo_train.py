@@ -203,9 +203,15 @@ def test_bad_inputs_stop_training_with_a_clear_message(prompts, tmp_path, capsys
 
 
 def test_it_learns_and_learning_rate_zero_does_not(prompts, tmp_path, one_thread):
-    """30 iterations of 4 prompt groups x 8 images (64 px, hidden 32, LoRA/MoE rank 2, lr 0.1, window (0, 1) of 4
-    steps) on the toy image-brightness reward. Measured when written: mean reward 0.498 at the start, 0.521 over the
-    last 5 iterations; with lr = 0 it stays within 0.496-0.504."""
+    """30 iterations of 4 prompt groups x 8 images (64 px, hidden 256, LoRA/MoE rank 2, lr 0.1, window (0, 1) of 4
+    steps) on the toy image-brightness reward. Measured when written: mean reward 0.497 at the start, 0.660 over the
+    last 5 iterations (+0.163); with lr = 0 it stays within 0.496-0.503 (a band of 0.007).
+
+    Why hidden 256 and not the module's 32: the adapters cannot touch Flux's final layer, whose input is
+    LayerNorm-ed (norm sqrt(hidden)) and whose weights are the tiny model's random N(0, 0.02), so the most the
+    velocity can move the brightness is about sqrt(hidden) * |W^T u| (u: the brightness direction through the tiny
+    decoder): 0.023 at hidden 32, 0.051 at 64, 0.099 at 128, 0.21 at 256. At hidden 32 the run reached that cap
+    (0.498 -> 0.521) within ~15 iterations, as it does at 64 (+0.049) and 128 (+0.092): the trainer is not the limit."""
     import multisubject.train.ippo_trainer as trainer
 
     sys.path.insert(0, TESTS)
@@ -219,7 +225,7 @@ def test_it_learns_and_learning_rate_zero_does_not(prompts, tmp_path, one_thread
             curve.append(float(result.rewards.scores["brightness"].mean()))
             return result
 
-        cfg = load_ippo_config(None, [*prompts, f"--optim.lr={lr}", "--sampler.group_size=8",
+        cfg = load_ippo_config(None, [*prompts, f"--optim.lr={lr}", "--model.tiny_hidden=256", "--sampler.group_size=8",
                                       "--sampler.groups_per_rank=4", "--optim.micro_batch=32", "--run.max_steps=30",
                                       "--run.save_every=0", "--sampler.shift_interval=100",
                                       f"--run.out_dir={tmp_path / str(lr)}"])
@@ -231,8 +237,8 @@ def test_it_learns_and_learning_rate_zero_does_not(prompts, tmp_path, one_thread
     learned, frozen = means[0.1], means[0.0]
     print("lr 0.1:", [round(m, 3) for m in learned], "\nlr 0:", [round(m, 3) for m in frozen])
     assert learned[0] == pytest.approx(frozen[0], abs=1e-6)  # same start
-    assert sum(learned[-5:]) / 5 > max(frozen) + 0.01
-    assert max(frozen) - min(frozen) < 0.015
+    assert sum(learned[-5:]) / 5 > max(frozen) + 0.1  # > 10x the lr-0 band below
+    assert max(frozen) - min(frozen) < 0.01
 
 
 def test_stage1_weights_initialise_the_policy_and_a_mismatch_is_refused(prompts, tmp_path):
