@@ -4,22 +4,19 @@ process, SIGKILL +
 resume, SIGTERM checkpoint, and "it learns"."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from idar_synthetic import make_dataset, write_config
+from run_helpers import checkpoint_reached, subprocess_env
 
-import multisubject
 from multisubject.__main__ import main as cli
 from multisubject.train.config import LoRAConfig, ModelConfig, MoEConfig, load_config
 
-PACK_PARENT = str(Path(multisubject.__file__).resolve().parent.parent)
 # tiny and fast: hidden 32, 1 double + 1 single block, 64 px images (4x4 tokens), 32 px references (2x2 tokens)
 FAST = ["--model.tiny_hidden=32", "--model.tiny_depth=1", "--data.resolution=64", "--data.ref_size=32",
         "--moe.rank=2", "--lora.rank=2", "--run.log_every=0"]
@@ -29,8 +26,7 @@ PORT_RACE = ("EADDRINUSE", "Address already in use", "address already in use")
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": PACK_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
+    return subprocess_env()
 
 
 def _run(*args, check=True, **kwargs):
@@ -191,7 +187,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(small, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "multisubject", *common, f"--run.out_dir={out}"], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_00000004").exists() and time.time() < deadline and proc.poll() is None:
+    while not checkpoint_reached(out, 4) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -209,7 +205,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_refuses_a_cha
                              "--run.save_every=3", "--run.keep_last=10"], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_00000003").exists() and time.time() < deadline:
+    while not checkpoint_reached(out, 3) and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)

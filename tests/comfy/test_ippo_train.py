@@ -1,7 +1,6 @@
 """IPPO trainer on ComfyUI's real Flux class at tiny size: CLI end to end (previews, TensorBoard, export ->
 MoE-LoRA loader node), 2-process torchrun (gloo) vs 1 process, SIGKILL + resume, clear errors, and "it learns"."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from idar_synthetic import make_dataset
+from run_helpers import checkpoint_reached, subprocess_env
 
-import multisubject
 from multisubject.__main__ import main as cli
 from multisubject.train.ippo_config import load_ippo_config
 
-PACK_PARENT = str(Path(multisubject.__file__).resolve().parent.parent)
 TESTS = str(Path(__file__).resolve().parent.parent)  # for the toy reward plugins in ippo_toy.py
 # tiny and fast: hidden 32, 1 double + 1 single block, 64 px images (4x4 tokens), 32 px references (2x2 tokens),
 # 4 denoising steps with a 2-step window, 2 prompt groups of 4 images; the toy reward is the image brightness
@@ -29,8 +27,7 @@ FAST = ["--model.tiny=true", "--model.tiny_hidden=32", "--model.tiny_depth=1", "
 
 
 def _env():
-    path = os.pathsep.join([PACK_PARENT, TESTS, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess_env(TESTS)
 
 
 def _run(*args, check=True):
@@ -155,7 +152,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tm
     proc = subprocess.Popen([sys.executable, "-m", "multisubject", *common, f"--run.out_dir={out}"], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_00000004").exists() and time.time() < deadline and proc.poll() is None:
+    while not checkpoint_reached(out, 4) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -172,7 +169,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_iteration_and_resume_refuses_
                              "--run.save_every=3", "--run.keep_last=10"], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_00000003").exists() and time.time() < deadline:
+    while not checkpoint_reached(out, 3) and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
