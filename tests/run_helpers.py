@@ -30,3 +30,42 @@ def checkpoint_reached(out_dir: Path, step: int) -> bool:
     """
     steps = [int(p.name.split("_")[1]) for p in (out_dir / "checkpoints").glob("step_*")]
     return max(steps, default=-1) >= step
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_weights_close(a: dict, b: dict, atol: float) -> None:
+    assert set(a) == set(b)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"largest difference {worst}"
+
+
+def loader_node_predictions(comfy_nodes, exported: Path, model_cfg, seed: int, trained):
+    """One tiny-Flux prediction three ways: the base model, the base patched by ``MS_LoadMoELoRA`` with the exported
+    file, and the in-memory trained backend. Returns ``(base, patched, trained)`` outputs, each (1, 16, 8, 8)."""
+    import folder_paths
+    import torch
+    from comfy import model_management
+
+    from multisubject.train.comfy_backend import FluxInputs, load_flux
+
+    folder_paths.add_model_folder_path("loras", str(exported.parent))
+    base = load_flux(model_cfg, seed=seed)
+    patched = comfy_nodes.NODE_CLASS_MAPPINGS["MS_LoadMoELoRA"].execute(base, exported.name, 1.0, 1.0).result[0]
+    gen = torch.Generator().manual_seed(3)
+    x, refs = torch.randn(1, 16, 8, 8, generator=gen), [torch.randn(1, 16, 4, 4, generator=gen) for _ in range(2)]
+    context, pooled, t = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 32, generator=gen), torch.tensor([0.6])
+    outs = []
+    for model in (base, patched):
+        model_management.load_models_gpu([model])
+        with torch.no_grad():
+            outs.append(model.model.diffusion_model(x, t, context, y=pooled, guidance=torch.ones(1), ref_latents=refs,
+                                                    ref_latents_method="uxo"))
+    model_management.unload_all_models()
+    with torch.no_grad():
+        mine, _ = trained(FluxInputs(x, t, context, pooled, refs))
+    return outs[0], outs[1], mine

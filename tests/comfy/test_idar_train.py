@@ -12,9 +12,16 @@ import time
 import pytest
 import torch
 from idar_synthetic import make_dataset, write_config
-from run_helpers import checkpoint_reached, subprocess_env
+from run_helpers import (
+    assert_weights_close,
+    checkpoint_reached,
+    load_weights,
+    loader_node_predictions,
+    subprocess_env,
+)
 
 from multisubject.__main__ import main as cli
+from multisubject.attention.weights import load_multicrafter_weights
 from multisubject.train.config import LoRAConfig, ModelConfig, MoEConfig, load_config
 
 # tiny and fast: hidden 32, 1 double + 1 single block, 64 px images (4x4 tokens), 32 px references (2x2 tokens)
@@ -48,16 +55,6 @@ def small(tmp_path_factory):
     return root, config
 
 
-def _weights(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _assert_close(a, b, atol):
-    assert set(a) == set(b)
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= atol, f"largest difference {worst}"
 
 
 # the backend
@@ -113,18 +110,14 @@ def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_chan
         grads.append({n: p.grad.clone() for n, p in backend.trainable_parameters()})
         routers = [g for n, g in grads[-1].items() if n.endswith("router")]
         assert routers and all(g.abs().sum() > 0 for g in routers)
-    _assert_close(grads[0], grads[1], atol=1e-5)
+    assert_weights_close(grads[0], grads[1], atol=1e-5)
 
 
 # end to end
 
 
 def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(comfy, small, tmp_path):
-    import comfy.model_management as model_management  # (not `import comfy...`: that would shadow the fixture)
-    import folder_paths
 
-    from multisubject.attention.weights import load_multicrafter_weights
-    from multisubject.train.comfy_backend import FluxInputs, load_flux
     from multisubject.train.idar import load_run
 
     root, config = small
@@ -140,23 +133,9 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
     # the loader node on a fresh copy of the same base model gives the trained backend's prediction
     cfg = load_config(config, [*FAST, *run_options])
     trained = load_run(cfg)
-    folder_paths.add_model_folder_path("loras", str(out))
-    base = load_flux(cfg.model, seed=cfg.run.seed)
-    patched = comfy.NODE_CLASS_MAPPINGS["MS_LoadMoELoRA"].execute(base, exported.name, 1.0, 1.0).result[0]
-    gen = torch.Generator().manual_seed(3)
-    x, refs = torch.randn(1, 16, 8, 8, generator=gen), [torch.randn(1, 16, 4, 4, generator=gen) for _ in range(2)]
-    context, pooled, t = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 32, generator=gen), torch.tensor([0.6])
-    outs = []
-    for model in (base, patched):
-        model_management.load_models_gpu([model])
-        with torch.no_grad():
-            outs.append(model.model.diffusion_model(x, t, context, y=pooled, guidance=torch.ones(1), ref_latents=refs,
-                                                    ref_latents_method="uxo"))
-    model_management.unload_all_models()
-    with torch.no_grad():
-        mine, _ = trained(FluxInputs(x, t, context, pooled, refs))
-    assert not torch.allclose(outs[1], outs[0], atol=1e-4)  # the file changes the model
-    assert torch.allclose(outs[1], mine, atol=1e-5)  # ... into exactly what was trained
+    base, patched, mine = loader_node_predictions(comfy, exported, cfg.model, cfg.run.seed, trained)
+    assert not torch.allclose(patched, base, atol=1e-4)  # the file changes the model
+    assert torch.allclose(patched, mine, atol=1e-5)  # ... into exactly what was trained
 
 
 def test_two_process_torchrun_ddp_and_fsdp_equal_one_process_with_the_same_global_batch(small, tmp_path):
@@ -172,9 +151,9 @@ def test_two_process_torchrun_ddp_and_fsdp_equal_one_process_with_the_same_globa
             if proc.returncode == 0 or not any(s in proc.stderr for s in PORT_RACE):
                 break
         assert proc.returncode == 0, proc.stderr[-3000:]
-    one, ddp, fsdp = (_weights(tmp_path / d / "multicrafter_idar.safetensors") for d in ("one", "ddp", "fsdp"))
-    _assert_close(one, ddp, atol=1e-5)
-    _assert_close(one, fsdp, atol=1e-5)
+    one, ddp, fsdp = (load_weights(tmp_path / d / "multicrafter_idar.safetensors") for d in ("one", "ddp", "fsdp"))
+    assert_weights_close(one, ddp, atol=1e-5)
+    assert_weights_close(one, fsdp, atol=1e-5)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
 
 
@@ -193,8 +172,8 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(small, tmp_
     proc.wait()
     assert not (out / "multicrafter_idar.safetensors").exists(), "the run finished before it could be killed"
     assert _run(*common, f"--run.out_dir={out}").returncode == 0  # run.resume = auto
-    _assert_close(_weights(tmp_path / "straight" / "multicrafter_idar.safetensors"),
-                  _weights(out / "multicrafter_idar.safetensors"), atol=0.0)
+    assert_weights_close(load_weights(tmp_path / "straight" / "multicrafter_idar.safetensors"),
+                  load_weights(out / "multicrafter_idar.safetensors"), atol=0.0)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_refuses_a_changed_config(small, tmp_path):
@@ -288,7 +267,7 @@ def test_gradient_accumulation_equals_the_larger_micro_batch_and_tensorboard_get
                                     "--run.log_every=1"))
     accum = train_idar(_inprocess_cfg(config, tmp_path / "acc", "--optim.micro_batch=1", "--optim.grad_accum=2",
                                       "--run.max_steps=2"))
-    _assert_close(_weights(big), _weights(accum), atol=1e-6)
+    assert_weights_close(load_weights(big), load_weights(accum), atol=1e-6)
     events = EventAccumulator(str(tmp_path / "big" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from idar_synthetic import make_dataset
-from run_helpers import checkpoint_reached, subprocess_env
+from run_helpers import (
+    assert_weights_close,
+    checkpoint_reached,
+    load_weights,
+    loader_node_predictions,
+    subprocess_env,
+)
 
 from multisubject.__main__ import main as cli
+from multisubject.attention.weights import load_multicrafter_weights
 from multisubject.train.ippo_config import load_ippo_config
 
 TESTS = str(Path(__file__).resolve().parent.parent)  # for the toy reward plugins in ippo_toy.py
@@ -49,16 +56,6 @@ def prompts(tmp_path_factory):
     return common
 
 
-def _weights(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _assert_close(a, b, atol):
-    assert set(a) == set(b)
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= atol, f"largest difference {worst}"
 
 
 @pytest.fixture
@@ -70,11 +67,7 @@ def one_thread():
 
 
 def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(comfy, prompts, tmp_path, one_thread):
-    import comfy.model_management as model_management
-    import folder_paths
 
-    from multisubject.attention.weights import load_multicrafter_weights
-    from multisubject.train.comfy_backend import FluxInputs, load_flux
     from multisubject.train.idar import load_run
 
     out = tmp_path / "run"
@@ -96,27 +89,13 @@ def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(c
     # `train export` of the last checkpoint writes the same adapters (an IPPO config is recognised by its sections)
     again = tmp_path / "again.safetensors"
     assert cli(["train", "export", *args, "--checkpoint", str(out / "checkpoints" / "step_00000002"), "--out", str(again)]) == 0
-    _assert_close(_weights(exported), _weights(again), atol=0.0)
+    assert_weights_close(load_weights(exported), load_weights(again), atol=0.0)
     # the loader node on a fresh copy of the base model gives the trained policy's prediction
     cfg = load_ippo_config(None, args)
     trained = load_run(cfg)
-    folder_paths.add_model_folder_path("loras", str(out))
-    base = load_flux(cfg.model, seed=cfg.run.seed)
-    patched = comfy.NODE_CLASS_MAPPINGS["MS_LoadMoELoRA"].execute(base, exported.name, 1.0, 1.0).result[0]
-    gen = torch.Generator().manual_seed(3)
-    x, refs = torch.randn(1, 16, 8, 8, generator=gen), [torch.randn(1, 16, 4, 4, generator=gen) for _ in range(2)]
-    context, pooled, t = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 32, generator=gen), torch.tensor([0.6])
-    outs = []
-    for model in (base, patched):
-        model_management.load_models_gpu([model])
-        with torch.no_grad():
-            outs.append(model.model.diffusion_model(x, t, context, y=pooled, guidance=torch.ones(1), ref_latents=refs,
-                                                    ref_latents_method="uxo"))
-    model_management.unload_all_models()
-    with torch.no_grad():
-        mine, _ = trained(FluxInputs(x, t, context, pooled, refs))
-    assert not torch.allclose(outs[1], outs[0], atol=1e-5)  # the file changes the model
-    assert torch.allclose(outs[1], mine, atol=1e-5)  # ... into exactly what was trained
+    base, patched, mine = loader_node_predictions(comfy, exported, cfg.model, cfg.run.seed, trained)
+    assert not torch.allclose(patched, base, atol=1e-5)  # the file changes the model
+    assert torch.allclose(patched, mine, atol=1e-5)  # ... into exactly what was trained
 
 
 def test_two_process_torchrun_equals_one_process_with_the_same_prompt_groups(prompts, tmp_path):
@@ -126,8 +105,8 @@ def test_two_process_torchrun_equals_one_process_with_the_same_prompt_groups(pro
                            "-m", "multisubject", "train", "ippo", *common, f"--run.out_dir={tmp_path / 'two'}",
                            "--sampler.groups_per_rank=1"], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "two"))
-    _assert_close(one, two, atol=1e-5)
+    one, two = (load_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "two"))
+    assert_weights_close(one, two, atol=1e-5)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
 
 
@@ -141,8 +120,8 @@ def test_reward_rank_scoring_for_two_generators_equals_one_process_scoring_itsel
                            "--sampler.groups_per_rank=1", "--reward.ranks=1"], env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, split = (_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "split"))
-    _assert_close(one, split, atol=1e-4)  # groups are sampled one at a time there: batch-size numerics only
+    one, split = (load_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "split"))
+    assert_weights_close(one, split, atol=1e-4)  # groups are sampled one at a time there: batch-size numerics only
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tmp_path):
@@ -158,8 +137,8 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tm
     proc.wait()
     assert not (out / "multicrafter_ippo.safetensors").exists(), "the run finished before it could be killed"
     assert _run(*common, f"--run.out_dir={out}").returncode == 0  # run.resume = auto
-    _assert_close(_weights(tmp_path / "straight" / "multicrafter_ippo.safetensors"),
-                  _weights(out / "multicrafter_ippo.safetensors"), atol=0.0)
+    assert_weights_close(load_weights(tmp_path / "straight" / "multicrafter_ippo.safetensors"),
+                  load_weights(out / "multicrafter_ippo.safetensors"), atol=0.0)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_iteration_and_resume_refuses_a_changed_config(prompts, tmp_path):
@@ -239,7 +218,6 @@ def test_it_learns_and_learning_rate_zero_does_not(prompts, tmp_path, one_thread
 
 
 def test_stage1_weights_initialise_the_policy_and_a_mismatch_is_refused(prompts, tmp_path):
-    from multisubject.attention.weights import load_multicrafter_weights
     from multisubject.train.ippo_trainer import build_policy
 
     manifest = next(p for p in prompts if p.startswith("--data.manifest="))
