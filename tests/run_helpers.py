@@ -69,3 +69,19 @@ def loader_node_predictions(comfy_nodes, exported: Path, model_cfg, seed: int, t
     with torch.no_grad():
         mine, _ = trained(FluxInputs(x, t, context, pooled, refs))
     return outs[0], outs[1], mine
+
+
+def kill_after_checkpoint(cli_args: list[str], out_dir: Path, step: int, env: dict[str, str]) -> None:
+    """Start ``python -m multisubject *cli_args``, SIGKILL it once it has saved a checkpoint at ``step`` or later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "multisubject", *cli_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint_reached(out_dir, step) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -15,6 +15,7 @@ from idar_synthetic import make_dataset, write_config
 from run_helpers import (
     assert_weights_close,
     checkpoint_reached,
+    kill_after_checkpoint,
     load_weights,
     loader_node_predictions,
     subprocess_env,
@@ -163,17 +164,11 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(small, tmp_
               "--run.keep_last=2"]
     _run(*common, f"--run.out_dir={tmp_path / 'straight'}")
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "multisubject", *common, f"--run.out_dir={out}"], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not checkpoint_reached(out, 4) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint([*common, f"--run.out_dir={out}"], out, 4, _env())
     assert not (out / "multicrafter_idar.safetensors").exists(), "the run finished before it could be killed"
     assert _run(*common, f"--run.out_dir={out}").returncode == 0  # run.resume = auto
     assert_weights_close(load_weights(tmp_path / "straight" / "multicrafter_idar.safetensors"),
-                  load_weights(out / "multicrafter_idar.safetensors"), atol=0.0)
+                         load_weights(out / "multicrafter_idar.safetensors"), atol=0.0)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_refuses_a_changed_config(small, tmp_path):
