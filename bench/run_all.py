@@ -14,7 +14,8 @@ The convention (a later ``bench/*.py`` that follows it is picked up without touc
   (``ast.literal_eval``), never imports the script; a ``bench/*.py`` without it is a helper, not a benchmark, and is
   named under the table. A target is ``(op, bound)`` with op one of ``<=``, ``<``, ``>=``, ``>``; or
   ``{"cpu": (op, bound), "cuda": (op, bound)}`` when it depends on the device (a device left out shows the figure
-  without a target); or ``None``: the figure is shown, with no target. ``figure`` names a key of the last JSON line,
+  without a target); or ``None``: the figure is shown, with no target (and left out when its value is null: a
+  figure this device does not measure, such as CUDA peak memory on CPU). ``figure`` names a key of the last JSON line,
   nested objects joined with dots (``{"bound_over_unbound": {"flux": 1.1}}`` is ``bound_over_unbound.flux``), and
   may be a glob (``bound_over_unbound.*``). A declared figure missing from the JSON is a failure ("missing").
 * **Command line.** Every benchmark accepts ``--device {cpu,cuda}`` (timings between ``torch.cuda.synchronize``
@@ -150,6 +151,8 @@ def judge(run: Run, targets: dict, device: str) -> list[dict]:
         names = [n for n in names if n in run.figures] or [pattern]
         for name in names:
             value = run.figures.get(name)
+            if value is None and target is None and name in run.figures:
+                continue  # a figure this device does not measure (e.g. CUDA peak memory on CPU)
             if name not in run.figures:
                 result = "missing"
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
