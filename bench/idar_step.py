@@ -72,13 +72,13 @@ def child_peak_growth(with_idar: bool) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=None, help="default 5, 3 with --quick")
+    parser.add_argument("--reps", type=int, default=None, help="default 5, 2 with --quick")
     parser.add_argument("--grad-checkpointing", action="store_true", help="block-level gradient checkpointing")
     parser.add_argument("--child", choices=["flow", "idar"], help=argparse.SUPPRESS)
     harness.add_suite_args(parser, "FLUX.1 sizes: hidden 3072, 24 heads, 19+38 blocks, 512 px, 2x320 px refs (CUDA)")
     args = parser.parse_args()
     device = harness.device_from(args)
-    args.reps = args.reps or (3 if args.quick else 5)
+    args.reps = args.reps or (2 if args.quick else 5)
     if args.real_dims and device.type != "cuda":
         raise SystemExit("--real-dims builds FLUX.1 (12B parameters) and needs --device cuda; leave it off on CPU")
     if args.real_dims:
