@@ -251,7 +251,8 @@ class AnyMSPlan:
             ownership = composite_ownership(plan.token_masks, self.subjects.priorities, self.areas, active)
             grid = plan.grid
             where = f"of the {grid.h}x{grid.w} token grid"
-            for message in describe_unowned(ownership, plan.token_masks, self.layout.labels, where).values():
+            labels = [r.label or s.label for s, r in zip(self.subjects.items, self.layout.regions)]  # as the preview
+            for message in describe_unowned(ownership, plan.token_masks, labels, where).values():
                 log.warning("multisubject: AnyMS: %s", message)
             owned = tuple(torch.nonzero(row).squeeze(1) for row in ownership.exclusive)
             self._owned[key] = owned
