@@ -9,7 +9,7 @@ Shape legend (used in every ``Shapes:`` block of this package):
 """
 
 from .attention_maps import normalize_maps, reference_attention_maps
-from .layout import Layout, Region, TokenGrid, composite_by_priority, region_token_masks
+from .layout import Layout, Region, TokenGrid, composite_ownership, region_areas, region_token_masks
 from .moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN, load_balancing_loss
 from .reference_attention import ReferenceAttentionConfig, TokenLayout, reference_attention_bias
 from .subjects import Subject, Subjects
@@ -48,6 +48,7 @@ __all__ = [
     "Subject",
     "Subjects",
     "TokenGrid",
-    "composite_by_priority",
+    "composite_ownership",
+    "region_areas",
     "region_token_masks",
 ]

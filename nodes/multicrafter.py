@@ -24,7 +24,7 @@ from ..attention.attention_maps import (
     normalize_maps,
     reference_attention_maps,
 )
-from ..attention.layout import TokenGrid, composite_by_priority, region_token_masks
+from ..attention.layout import TokenGrid, composite_ownership, region_areas, region_token_masks
 from ..attention.reference_attention import (
     BiasCache,
     ReferenceAttentionConfig,
@@ -244,7 +244,8 @@ class FluxReferencePatch:
         self.layout.check_aspect(*call.latent_hw, what="latent")
         grid = TokenGrid.from_latent(*call.latent_hw, downscale=PATCH)
         masks = region_token_masks(self.layout, grid)
-        return composite_by_priority(masks, list(self.refs.priorities) or None).exclusive  # (S, h, w)
+        priorities = list(self.refs.priorities) or [0] * len(self.layout)
+        return composite_ownership(masks, priorities, region_areas(self.layout)).exclusive  # (S, h, w)
 
     # optimized_attention_override(func, q, k, v, heads, mask=..., skip_reshape=True, transformer_options=...)
     def __call__(self, func, *args, **kwargs):
