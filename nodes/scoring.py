@@ -71,6 +71,11 @@ def object_detectors() -> list[str]:
     return _reward_models(("owlv2", "owlvit"))
 
 
+def object_segmenters() -> list[str]:
+    """SAM folders in reward_models."""
+    return _reward_models(("sam",))
+
+
 def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
@@ -105,14 +110,16 @@ def _load_objects(name: str):
     return _LOADED[key]
 
 
-def _load_locator(name: str):
+def _load_locator(detector: str, segmenter: str):
     from ..scoring.locate import ObjectLocator
     from ..scoring.metrics import PhraseDetector
+    from ..scoring.segment import BoxSegmenter
 
-    folder = _reward_model_folder(name, "object detector")
-    key = ("detector", folder)
+    folder = _reward_model_folder(detector, "object detector")
+    masks = _reward_model_folder(segmenter, "object segmenter") if segmenter != NONE else None
+    key = ("locator", folder, masks)
     if key not in _LOADED:
-        _LOADED[key] = ObjectLocator(PhraseDetector.load(folder))
+        _LOADED[key] = ObjectLocator(PhraseDetector.load(folder), BoxSegmenter.load(masks) if masks else None)
     return _LOADED[key]
 
 
@@ -162,6 +169,11 @@ class ScoreIdentity(io.ComfyNode):
                     tooltip="OWLv2 / OWL-ViT folder in models/reward_models/ that finds object subjects by their label "
                     "(subjects without a label are searched as 'an object') when no layout is connected.",
                 ),
+                io.Combo.Input(
+                    "object_segmenter", options=[NONE] + object_segmenters(), default=NONE, optional=True,
+                    tooltip="SAM folder in models/reward_models/ that masks each located object (white background) "
+                    "before it is embedded; none = the detector's box is the crop.",
+                ),
             ],
             outputs=[
                 io.Float.Output(display_name="score", tooltip="Mean identity score over the batch, 0..1."),
@@ -171,7 +183,7 @@ class ScoreIdentity(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, face_pack, object_model, object_detector=NONE, **kwargs):
+    def validate_inputs(cls, face_pack, object_model, object_detector=NONE, object_segmenter=NONE, **kwargs):
         # a custom validate_inputs replaces ComfyUI's own combo check for these inputs, so check them here
         if face_pack == NONE and object_model == NONE:
             return ("choose a face_pack (for people) and/or an object_model (for other subjects); both are 'none'. "
@@ -187,17 +199,24 @@ class ScoreIdentity(io.ComfyNode):
         if object_detector not in (None, NONE) and object_detector not in object_detectors():
             return (f"object detector '{object_detector}' not found in {', '.join(_roots(OBJECT_FOLDER))}; expected an "
                     "OWLv2 or OWL-ViT folder with config.json, model.safetensors and preprocessor_config.json there")
+        if object_segmenter not in (None, NONE):
+            if object_segmenter not in object_segmenters():
+                return (f"object segmenter '{object_segmenter}' not found in {', '.join(_roots(OBJECT_FOLDER))}; "
+                        "expected a SAM folder with config.json, model.safetensors and preprocessor_config.json there")
+            if object_detector in (None, NONE):
+                return "object_segmenter masks what object_detector finds; choose an object_detector as well"
         return True
 
     @classmethod
     def execute(cls, image, subjects, face_pack, object_model, subject_kind, face_threshold,
-                layout=None, object_detector=NONE) -> io.NodeOutput:
+                layout=None, object_detector=NONE, object_segmenter=NONE) -> io.NodeOutput:
         from ..scoring.identity import IdentityScorer
         from ..scoring.report import render_identity_report
 
         faces = _load_faces(face_pack, float(face_threshold)) if face_pack != NONE else None
         objects = _load_objects(object_model) if object_model != NONE else None
-        locator = _load_locator(object_detector) if object_detector not in (None, NONE) else None
+        locator = _load_locator(object_detector, object_segmenter or NONE) \
+            if object_detector not in (None, NONE) else None
         scorer = IdentityScorer(faces=faces, objects=objects, kind=subject_kind, locator=locator)
         results = scorer.score_batch(image[..., :3], subjects, layout)
         reports = torch.stack([

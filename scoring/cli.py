@@ -62,6 +62,8 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--hps-arch", default=HPS_ARCH, help="open_clip architecture of the HPS checkpoint (default: %(default)s)")
     parser.add_argument("--detector-dir", help="local OWLv2 (or OWL-ViT) folder: mIoU and AP50, and locating the "
                                                "subjects of samples without a layout")
+    parser.add_argument("--segmenter-dir", help="local SAM folder (SamModel, e.g. facebook/sam-vit-base): located "
+                                                "subjects are embedded as masked crops instead of boxes")
     parser.add_argument("--detection-threshold", type=float, default=DETECTION_THRESHOLD,
                         help="detector score threshold (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, choices=[1.0, 100.0],
@@ -108,7 +110,12 @@ def run_eval(args: argparse.Namespace, log=print) -> int:
     hps = HPSv2Scorer.load(args.hps_checkpoint, args.hps_arch, args.device) if args.hps_checkpoint else None
     detector = PhraseDetector.load(args.detector_dir, args.device, args.detection_threshold) \
         if args.detector_dir else None
-    evaluator = Evaluator(faces=faces, dino=dino, clip=clip, hps=hps, detector=detector)
+    if args.segmenter_dir and detector is None:
+        raise ValueError("--segmenter-dir masks the subjects the detector locates; give --detector-dir as well")
+    from .segment import BoxSegmenter
+
+    segmenter = BoxSegmenter.load(args.segmenter_dir, args.device) if args.segmenter_dir else None
+    evaluator = Evaluator(faces=faces, dino=dino, clip=clip, hps=hps, detector=detector, segmenter=segmenter)
     summaries = evaluate_runs(runs, evaluator, args.out, scale=args.scale, worst=args.worst,
                               progress=not args.no_progress, title=args.title, log=log)
     log((args.out / "table.md").read_text().rstrip())

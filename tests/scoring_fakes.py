@@ -278,6 +278,26 @@ def make_tiny_owlvit(folder: Path) -> Path:
     return folder
 
 
+def make_tiny_sam(folder: Path) -> Path:
+    """A SAM folder (SamModel + SamProcessor) with 64-px inputs."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    torch.manual_seed(0)
+    config = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16, mlp_dim=64, global_attn_indexes=[0], window_size=2,
+                           num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=16),
+    )
+    SamModel(config).save_pretrained(folder)
+    SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                                   mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16})
+                 ).save_pretrained(folder)
+    return folder
+
+
 # a tiny evaluation set
 
 
@@ -334,7 +354,7 @@ _BUILT: dict[str, Path] = {}
 
 def built(name: str) -> Path:
     """Build a fake once per test session (``face_root``, ``dino``, ``dinov2``, ``clip``, ``hps``, ``owlv2``,
-    ``owlvit``) and reuse it."""
+    ``owlvit``, ``sam``) and reuse it."""
     if name not in _BUILT:
         base = Path(tempfile.mkdtemp(prefix=f"ms-scoring-{name}-"))
         atexit.register(shutil.rmtree, base, True)
@@ -343,7 +363,7 @@ def built(name: str) -> Path:
             _BUILT[name] = base
         else:
             makers = {"dino": make_tiny_dino, "dinov2": make_tiny_dinov2, "clip": make_tiny_clip,
-                      "owlv2": make_tiny_owlv2, "owlvit": make_tiny_owlvit,
+                      "owlv2": make_tiny_owlv2, "owlvit": make_tiny_owlvit, "sam": make_tiny_sam,
                       "hps": lambda p: make_tiny_hps(p / "tiny_hps.pt")}
             _BUILT[name] = makers[name](base)
     return _BUILT[name]

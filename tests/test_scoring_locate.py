@@ -105,6 +105,20 @@ def test_segmenter_masks_the_candidate_crops():
     assert torch.all(crop[:, :24] == torch.tensor(RED)) and torch.all(crop[:, 24:] == 1.0)
 
 
+def test_sam_segmenter_gives_one_image_sized_mask_per_box_and_refuses_other_models(tmp_path):
+    pytest.importorskip("transformers", reason="needs the eval extra")
+    from scoring_fakes import built
+
+    from multisubject.scoring.segment import BoxSegmenter
+
+    segmenter = BoxSegmenter.load(built("sam"), device="cpu")
+    masks = segmenter.segment(torch.rand(50, 100, 3), torch.tensor([[10.0, 10.0, 40.0, 40.0], [50.0, 5.0, 90.0, 45.0]]))
+    assert masks.shape == (2, 50, 100) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert segmenter.segment(torch.rand(50, 100, 3), torch.zeros(0, 4)).shape == (0, 50, 100)
+    with pytest.raises(ValueError, match="holds a 'owlv2' model; expected a SAM folder"):
+        BoxSegmenter.load(built("owlv2"))
+
+
 def test_without_a_detector_objects_are_not_located_and_it_is_said(caplog):
     scorer = IdentityScorer(objects=ColourEmbedder())
     refs = scorer.embed_references(_subjects())
