@@ -135,11 +135,13 @@ class PhraseDetector:
     to a square at the bottom/right, so its boxes are relative to that padded square. ``box_scale`` says which.
     """
 
-    def __init__(self, model, processor, device: str, threshold: float = DETECTION_THRESHOLD) -> None:
+    def __init__(self, model, processor, device: str, threshold: float = DETECTION_THRESHOLD,
+                 text_length: int = 16) -> None:
         self.model = model.eval().to(device)
         self.processor = processor
         self.device = device
         self.threshold = threshold
+        self.text_length = text_length  # OWL reads fixed-length queries (16 tokens): every query is padded to it
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, threshold: float = DETECTION_THRESHOLD) -> PhraseDetector:
@@ -153,7 +155,8 @@ class PhraseDetector:
             )
         processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
         model = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(folder, local_files_only=True)
-        return cls(model, processor, device or ("cuda" if torch.cuda.is_available() else "cpu"), threshold)
+        return cls(model, processor, device or ("cuda" if torch.cuda.is_available() else "cpu"), threshold,
+                   int(model.config.text_config.max_position_embeddings))
 
     def box_scale(self, height: int, width: int) -> tuple[float, float]:
         """(x, y) pixels per normalised box unit: the padded square's side for a padding processor (OWLv2), else
@@ -174,7 +177,8 @@ class PhraseDetector:
         height, width = image.shape[:2]
         queries = list(dict.fromkeys(phrases))  # OWL gives each box to its best query: duplicates would starve
         pil = Image.fromarray((image.clamp(0, 1) * 255).round().byte().cpu().numpy())
-        inputs = self.processor(text=[queries], images=pil, return_tensors="pt")
+        inputs = self.processor(text=[queries], images=pil, return_tensors="pt", padding="max_length",
+                                max_length=self.text_length, truncation=True)
         outputs = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         # normalised boxes (target_sizes=None), scaled here: transformers' own scaling differs between versions
         result = self.processor.post_process_grounded_object_detection(outputs, threshold=self.threshold)[0]

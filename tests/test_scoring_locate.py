@@ -229,3 +229,23 @@ def test_owl_boxes_land_on_the_object_of_a_non_square_image(family):
     detector = PhraseDetector(FixedOwl(), processor, "cpu")
     (boxes, scores), = detector.detect(torch.rand(100, 200, 3), ["toy"])
     assert len(boxes) == 1 and boxes[0].tolist() == pytest.approx([50.0, 25.0, 150.0, 75.0], abs=1e-3)
+
+
+def test_multi_id_reward_locates_objects_with_its_detector_and_segmenter(caplog):
+    pytest.importorskip("transformers", reason="needs the eval extra")
+    from scoring_fakes import built
+
+    from multisubject.train.rewards import RewardConfig, RewardInputs, build_rewards, check_reward_config
+
+    with pytest.raises(ValueError, match="segmenter_dir masks the objects detector_dir locates"):
+        check_reward_config(RewardConfig(weights={"multi_id": 1.0}, object_model_dir=str(built("dinov2")),
+                                         segmenter_dir=str(built("sam"))))
+    config = RewardConfig(weights={"multi_id": 1.0}, object_model_dir=str(built("dinov2")),
+                          detector_dir=str(built("owlv2")), detection_threshold=0.0, segmenter_dir=str(built("sam")),
+                          device="cpu")
+    reward = build_rewards(config)["multi_id"]
+    images = torch.stack([_scene(RED, BLUE), _scene(PURPLE, None)])
+    with caplog.at_level(logging.WARNING, logger="multisubject"):
+        scores = reward(RewardInputs(images=images, prompts=("x",) * 2, subjects=(_subjects(),) * 2))
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()
+    assert not any(NOT_LOCATED in r.message for r in caplog.records)  # located, not the whole image
