@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("transformers", reason="needs the eval extra: pip install -e '.[eval]'")
 
@@ -190,3 +191,15 @@ def test_scorer_loads_from_local_paths_as_a_trainer_would():
     assert reward.shape == (3,) and reward.tolist() == pytest.approx([1.0] * 3, abs=1e-4)
     with pytest.raises(ValueError, match="kind must be one of auto, face, object"):
         IdentityScorer.from_paths(object_model=str(built("dinov2")), kind="faces")
+
+
+def test_dino_v1_folder_loads_as_vit_and_embeds_the_final_cls_token():
+    dino = ImageEmbedder.load(built("dino"))
+    assert dino.kind == "vit" and dino.name == "DINO (ViT)"
+    assert getattr(dino.model, "pooler", None) is None  # ViTModel's pooler is not part of DINO
+    image = _blocks(3)
+    pixels = dino.processor(images=[Image.fromarray((image * 255).round().byte().numpy())],
+                            return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        cls = dino.model(pixel_values=pixels).last_hidden_state[:, 0]
+    torch.testing.assert_close(dino.embed_images([image]), torch.nn.functional.normalize(cls, dim=-1))
