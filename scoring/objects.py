@@ -1,4 +1,8 @@
-"""Object identity: DINOv2 / CLIP image embeddings (and CLIP text embeddings) from local HF folders.
+"""Object identity: DINO (v1, ViT) / DINOv2 / CLIP image embeddings (and CLIP text embeddings) from local HF folders.
+
+DINO v1 ViT-S/16 (``facebook/dino-vits16``, model_type ``vit``) is the DreamBench DINO-I backbone; its embedding
+is the final-layer-normed CLS token (``last_hidden_state[:, 0]``; ViTModel's pooler is not part of DINO and is
+not loaded). DINOv2's is ``pooler_output`` (the layer-normed CLS). CLIP's is the projected image embedding.
 
 A model folder is what ``save_pretrained`` writes: ``config.json``, ``model.safetensors`` (or
 ``pytorch_model.bin``), ``preprocessor_config.json`` and, for CLIP text, tokenizer files. Folders are
@@ -21,7 +25,7 @@ from .faces import refuse_hub_id
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4.x / 5.x processors
-SUPPORTED = {"dinov2": "DINOv2", "clip": "CLIP"}
+SUPPORTED = {"vit": "DINO (ViT)", "dinov2": "DINOv2", "clip": "CLIP"}
 BACKGROUND = 1.0  # masked crops get a white background (MultiCrafter's recipe)
 
 
@@ -69,7 +73,7 @@ def _to_pil(image: Tensor) -> Image.Image:
 
 
 class ImageEmbedder:
-    """DINOv2 (CLS / pooler output) or CLIP (projected image and text embeddings), L2-normalised."""
+    """DINO v1 / DINOv2 (CLS) or CLIP (projected image and text embeddings), L2-normalised."""
 
     def __init__(self, model, processor, kind: str, folder: Path, tokenizer=None, device: str | None = None) -> None:
         self.model = model.eval()
@@ -92,7 +96,9 @@ class ImageEmbedder:
             )
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         tokenizer = None
-        if model_type == "dinov2":
+        if model_type == "vit":
+            model = transformers.ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+        elif model_type == "dinov2":
             model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
         else:
             model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
@@ -111,7 +117,9 @@ class ImageEmbedder:
             return torch.zeros(0, 0)
         pixels = self.processor(images=[_to_pil(im) for im in images], return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device)
-        if self.kind == "dinov2":
+        if self.kind == "vit":
+            features = self.model(pixel_values=pixels).last_hidden_state[:, 0]
+        elif self.kind == "dinov2":
             features = self.model(pixel_values=pixels).pooler_output
         else:
             out = self.model.get_image_features(pixel_values=pixels)

@@ -163,6 +163,19 @@ def make_tiny_dinov2(folder: Path) -> Path:
     return folder
 
 
+def make_tiny_dino(folder: Path) -> Path:
+    """DINO v1 layout (facebook/dino-vits16): a ViTModel without pooler + ViTImageProcessor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
 def _tiny_clip_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
@@ -243,6 +256,48 @@ def make_tiny_owlv2(folder: Path) -> Path:
     return folder
 
 
+def make_tiny_owlvit(folder: Path) -> Path:
+    """OWL-ViT (v1): its processor stretches the image to a square, where OWLv2's pads it."""
+    from transformers import (
+        CLIPTokenizer,
+        OwlViTConfig,
+        OwlViTForObjectDetection,
+        OwlViTImageProcessor,
+        OwlViTProcessor,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = _tiny_clip_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = OwlViTConfig(**_tiny_towers(vocab_size, layers=1, text_length=16, image_size=64, patch_size=16),
+                          projection_dim=32)
+    OwlViTForObjectDetection(config).save_pretrained(folder)
+    image_processor = OwlViTImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
+    OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_sam(folder: Path) -> Path:
+    """A SAM folder (SamModel + SamProcessor) with 64-px inputs."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    torch.manual_seed(0)
+    config = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16, mlp_dim=64, global_attn_indexes=[0], window_size=2,
+                           num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=16),
+    )
+    SamModel(config).save_pretrained(folder)
+    SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                                   mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16})
+                 ).save_pretrained(folder)
+    return folder
+
+
 # a tiny evaluation set
 
 
@@ -298,7 +353,8 @@ _BUILT: dict[str, Path] = {}
 
 
 def built(name: str) -> Path:
-    """Build a fake once per test session (``face_root``, ``dinov2``, ``clip``, ``hps``, ``owlv2``) and reuse it."""
+    """Build a fake once per test session (``face_root``, ``dino``, ``dinov2``, ``clip``, ``hps``, ``owlv2``,
+    ``owlvit``, ``sam``) and reuse it."""
     if name not in _BUILT:
         base = Path(tempfile.mkdtemp(prefix=f"ms-scoring-{name}-"))
         atexit.register(shutil.rmtree, base, True)
@@ -306,7 +362,8 @@ def built(name: str) -> Path:
             make_fake_face_pack(base, "buffalo_l")
             _BUILT[name] = base
         else:
-            makers = {"dinov2": make_tiny_dinov2, "clip": make_tiny_clip, "owlv2": make_tiny_owlv2,
+            makers = {"dino": make_tiny_dino, "dinov2": make_tiny_dinov2, "clip": make_tiny_clip,
+                      "owlv2": make_tiny_owlv2, "owlvit": make_tiny_owlvit, "sam": make_tiny_sam,
                       "hps": lambda p: make_tiny_hps(p / "tiny_hps.pt")}
             _BUILT[name] = makers[name](base)
     return _BUILT[name]
@@ -317,6 +374,7 @@ def make_all(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {
         "insightface_root": folder / "insightface",
+        "dino": make_tiny_dino(folder / "dino"),
         "dinov2": make_tiny_dinov2(folder / "dinov2"),
         "clip": make_tiny_clip(folder / "clip"),
         "hps": make_tiny_hps(folder / "hps" / "tiny_hps.pt"),

@@ -22,7 +22,7 @@ from multisubject.scoring.metrics import average_precision_50, layout_ious, pad_
 def _model_args():
     hps = built("hps")
     return ["--insightface-root", str(built("face_root")), "--face-pack", "buffalo_l",
-            "--dinov2-dir", str(built("dinov2")), "--clip-dir", str(built("clip")),
+            "--dino-dir", str(built("dino")), "--clip-dir", str(built("clip")),
             "--hps-checkpoint", str(hps), "--hps-arch", str(hps.parent / f"{TINY_HPS_ARCH}.json"),
             "--detector-dir", str(built("owlv2")), "--no-progress"]
 
@@ -114,7 +114,7 @@ def test_help_lists_every_metric_with_its_definition(capsys):
 def test_cli_gives_one_clear_line_for_a_hub_id(capsys, tmp_path):
     manifest = tmp_path / "m.json"
     manifest.write_text("[]")
-    assert main(["eval", str(manifest), "--dinov2-dir", "facebook/dinov2-base", "--out", str(tmp_path)]) == 2
+    assert main(["eval", str(manifest), "--dino-dir", "facebook/dino-vits16", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "looks like a model-hub id" in err[0]
 

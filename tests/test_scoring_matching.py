@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from multisubject.scoring.matching import SIMILARITY_FLOOR, match_identities
+from multisubject.scoring.matching import match_identities
 
 
 def brute_force_best_total(similarity: np.ndarray) -> float:
@@ -27,8 +27,10 @@ def test_hungarian_total_equals_brute_force(num_refs, num_dets):
         matching = match_identities(torch.from_numpy(similarity))
         rows = torch.nonzero(matching.assignment >= 0)[:, 0]
         cols = matching.assignment[rows]
-        total = float(similarity[rows.numpy(), cols.numpy()].sum())
-        assert total == pytest.approx(brute_force_best_total(similarity), abs=1e-9)
+        clamped = similarity.clip(min=0)  # the score's objective: negatives earn 0
+        total = float(clamped[rows.numpy(), cols.numpy()].sum())
+        assert total == pytest.approx(brute_force_best_total(clamped), abs=1e-9)
+        assert matching.total == pytest.approx(total, abs=1e-6)
         assert len(set(cols.tolist())) == len(cols) == min(num_refs, num_dets)  # one-to-one
 
 
@@ -55,11 +57,19 @@ def test_negative_similarity_counts_zero_and_no_detection_is_zero():
     assert match_identities(torch.zeros(0, 2)).score == 0.0
 
 
-def test_minus_infinity_is_floored_not_rejected():
+def test_minus_infinity_counts_zero_not_rejected():
     matching = match_identities(torch.tensor([[float("-inf"), 0.5], [float("-inf"), float("-inf")]]))
     assert matching.assignment.tolist() == [1, 0]
     assert matching.matched.tolist() == [0.5, 0.0]
-    assert SIMILARITY_FLOOR > float("-inf")
+
+
+def test_negatives_are_clamped_before_assignment():
+    # raw optimum: (0, 1) + (1, 0) = 0.3 + 0.2 beats (0, 0) + (1, 1) = 0.9 - 0.9, and scores 0.25; the score
+    # counts -0.9 as 0, so (0, 0) + (1, 1) is worth 0.9 + 0 and is the assignment to make (score 0.45)
+    similarity = torch.tensor([[0.9, 0.3], [0.2, -0.9]])
+    matching = match_identities(similarity)
+    assert matching.assignment.tolist() == [0, 1]
+    assert matching.score == pytest.approx(0.45)
 
 
 def test_nan_similarity_is_a_clear_error():

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("transformers", reason="needs the eval extra: pip install -e '.[eval]'")
 
@@ -12,7 +13,8 @@ from scoring_fakes import built, face_canvas  # noqa: E402
 
 from multisubject.attention.layout import Layout  # noqa: E402
 from multisubject.attention.subjects import Subject, Subjects  # noqa: E402
-from multisubject.scoring.identity import IdentityScorer, region_candidates  # noqa: E402
+from multisubject.scoring.identity import IdentityScorer  # noqa: E402
+from multisubject.scoring.locate import layout_candidates  # noqa: E402
 from multisubject.scoring.objects import ImageEmbedder, masked_crop  # noqa: E402
 
 
@@ -69,13 +71,15 @@ def test_without_layout_each_reference_is_compared_with_the_whole_image(embedder
     expected = (refs.object_embeddings @ whole).clamp(min=0)
     assert result.per_subject.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
     assert result.object_boxes.tolist() == [[0.0, 0.0, 256.0, 128.0]]
+    assert result.object_source == "whole image" and result.objects_located is False
 
 
 def test_mask_regions_crop_with_a_white_background():
     masks = torch.zeros(2, 128, 256)
     masks[0, 40:80, 40:60] = 1
     masks[1, 10:20, 200:250] = 1
-    crops, boxes = region_candidates(_scene(1, 2), Layout.from_masks(masks))
+    candidates = layout_candidates(_scene(1, 2), Layout.from_masks(masks))
+    crops, boxes = candidates.crops, candidates.boxes
     assert boxes.tolist() == [[40, 40, 60, 80], [200, 10, 250, 20]]
     assert crops[0].shape == (40, 20, 3) and crops[1].shape == (10, 50, 3)
     partial = torch.zeros(128, 256)
@@ -144,9 +148,9 @@ def test_unsupported_model_type_is_named(tmp_path):
     other = tmp_path / "other"
     shutil.copytree(built("dinov2"), other)
     config = json.loads((other / "config.json").read_text())
-    config["model_type"] = "vit"
+    config["model_type"] = "resnet"
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="holds a 'vit' model; expected one of DINOv2, CLIP"):
+    with pytest.raises(ValueError, match=r"holds a 'resnet' model; expected one of DINO \(ViT\), DINOv2, CLIP"):
         ImageEmbedder.load(other)
 
 
@@ -187,3 +191,15 @@ def test_scorer_loads_from_local_paths_as_a_trainer_would():
     assert reward.shape == (3,) and reward.tolist() == pytest.approx([1.0] * 3, abs=1e-4)
     with pytest.raises(ValueError, match="kind must be one of auto, face, object"):
         IdentityScorer.from_paths(object_model=str(built("dinov2")), kind="faces")
+
+
+def test_dino_v1_folder_loads_as_vit_and_embeds_the_final_cls_token():
+    dino = ImageEmbedder.load(built("dino"))
+    assert dino.kind == "vit" and dino.name == "DINO (ViT)"
+    assert getattr(dino.model, "pooler", None) is None  # ViTModel's pooler is not part of DINO
+    image = _blocks(3)
+    pixels = dino.processor(images=[Image.fromarray((image * 255).round().byte().numpy())],
+                            return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        cls = dino.model(pixel_values=pixels).last_hidden_state[:, 0]
+    torch.testing.assert_close(dino.embed_images([image]), torch.nn.functional.normalize(cls, dim=-1))

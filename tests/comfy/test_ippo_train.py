@@ -29,7 +29,7 @@ TESTS = str(Path(__file__).resolve().parent.parent)  # for the toy reward plugin
 FAST = ["--model.tiny=true", "--model.tiny_hidden=32", "--model.tiny_depth=1", "--data.resolution=64",
         "--data.ref_size=32", "--moe.rank=2", "--moe.num_experts=2", "--lora.rank=2", "--sampler.num_steps=4",
         "--sampler.group_size=4", "--sampler.groups_per_rank=2", "--reward.plugins=['brightness=ippo_toy:image_brightness']",
-        "--reward.weights={'brightness': 1.0}", "--reward.use_layout=true", "--gspo.clip_range=0.05",
+        "--reward.weights={'brightness': 1.0}", "--gspo.clip_range=0.05",
         "--optim.lr=0.1", "--optim.warmup_steps=0", "--optim.weight_decay=0.0", "--optim.micro_batch=8",
         "--run.precision=fp32", "--run.grad_checkpointing=false", "--run.progress=false", "--run.sample_every=0"]
 
