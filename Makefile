@@ -18,4 +18,4 @@ lint: setup
 
 # regenerate the UI-format workflows/*.json from their API twins in workflows/api/
 workflows: setup
-	$(PY) tests/workflow_tools.py
+	$(PY) scripts/workflow_tools.py

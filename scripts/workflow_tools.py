@@ -4,7 +4,7 @@ Each ``workflows/<name>.json`` (ComfyUI's UI format, shown in the template brows
 ``workflows/api/<name>.json`` (what headless clients POST to /prompt). The twin is the source of
 truth; regenerate the UI files after editing it::
 
-    python tests/workflow_tools.py        # starts ComfyUI headless, rewrites workflows/*.json
+    python scripts/workflow_tools.py        # starts ComfyUI headless, rewrites workflows/*.json
 """
 
 from __future__ import annotations

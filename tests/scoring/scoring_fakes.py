@@ -7,7 +7,7 @@
 * tiny DINOv2 / CLIP / OWLv2 folders written with ``save_pretrained``; a tiny open_clip HPS checkpoint;
 * ``make_tiny_eval_set``: a few generated/reference images, prompts and layouts, as a manifest.
 
-Also runnable: ``python tests/scoring_fakes.py DIR`` writes all of it under DIR (used for the README example).
+Also runnable: ``python tests/scoring/scoring_fakes.py DIR`` writes all of it under DIR (used for the README example).
 """
 
 from __future__ import annotations

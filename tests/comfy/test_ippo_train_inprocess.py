@@ -23,7 +23,7 @@ from multisubject.__main__ import main as cli
 from multisubject.attention.weights import load_multicrafter_weights
 from multisubject.train.ippo_config import load_ippo_config
 
-TESTS = str(Path(__file__).resolve().parent.parent)  # for the toy reward plugins in ippo_toy.py
+TESTS = str(Path(__file__).resolve().parent.parent / "train")  # for the toy reward plugins in ippo_toy.py
 # tiny and fast: hidden 32, 1 double + 1 single block, 64 px images (4x4 tokens), 32 px references (2x2 tokens),
 # 4 denoising steps with a 2-step window, 2 prompt groups of 4 images; the toy reward is the image brightness
 FAST = ["--model.tiny=true", "--model.tiny_hidden=32", "--model.tiny_depth=1", "--data.resolution=64",

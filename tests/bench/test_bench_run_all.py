@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-RUN_ALL = Path(__file__).resolve().parent.parent / "bench" / "run_all.py"
+RUN_ALL = Path(__file__).resolve().parents[2] / "bench" / "run_all.py"
 
 GOOD = '''
 import json, sys
