@@ -15,8 +15,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..attention.checks import check_image_batch
 from ..scoring.faces import resolve_face_pack
 from ..scoring.identity import KINDS
+from .inputs import check_inputs, check_name, model_folder, require_inside
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
 
 NONE = "none"
@@ -63,10 +65,16 @@ def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
 
+def _face_pack_dir(pack: str):
+    """The pack's folder, inside a registered insightface root (names only: no paths, no links out)."""
+    name = check_name(FACE_FOLDER, pack, "face pack")
+    return require_inside(resolve_face_pack(_roots(FACE_FOLDER), name), FACE_FOLDER, "face pack", name)
+
+
 def _load_faces(pack: str, det_threshold: float):
     from ..scoring.faces import FaceEmbedder
 
-    pack_dir = resolve_face_pack(_roots(FACE_FOLDER), pack)
+    pack_dir = _face_pack_dir(pack)
     key = ("faces", str(pack_dir), det_threshold)
     if key not in _LOADED:
         _LOADED[key] = FaceEmbedder.load(pack_dir, det_threshold=det_threshold)
@@ -76,16 +84,22 @@ def _load_faces(pack: str, det_threshold: float):
 def _load_objects(name: str):
     from ..scoring.objects import ImageEmbedder
 
-    folder = next((os.path.join(r, name) for r in _roots(OBJECT_FOLDER) if os.path.isdir(os.path.join(r, name))), None)
-    if folder is None:
-        raise FileNotFoundError(
-            f"object model '{name}' not found in {', '.join(_roots(OBJECT_FOLDER))}; put a DINOv2 or CLIP folder "
-            "(config.json, model.safetensors, preprocessor_config.json) in models/reward_models/"
-        )
+    folder = str(model_folder(OBJECT_FOLDER, name, "object model"))
     key = ("objects", folder)
     if key not in _LOADED:
         _LOADED[key] = ImageEmbedder.load(folder, what=f"object model '{name}'")
     return _LOADED[key]
+
+
+def _check_models(face_pack: str, object_model: str) -> None:
+    if face_pack == NONE and object_model == NONE:
+        raise ValueError("choose a face_pack (for people) and/or an object_model (for other subjects); both are "
+                         "'none'. Put packs in models/insightface/models/ and DINOv2/CLIP folders in "
+                         "models/reward_models/")
+    if face_pack != NONE:
+        _face_pack_dir(face_pack)
+    if object_model != NONE:
+        model_folder(OBJECT_FOLDER, object_model, "object model")
 
 
 class ScoreIdentity(io.ComfyNode):
@@ -137,19 +151,13 @@ class ScoreIdentity(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, face_pack, object_model, **kwargs):
-        # a custom validate_inputs replaces ComfyUI's own combo check for these inputs, so check them here
-        if face_pack == NONE and object_model == NONE:
-            return ("choose a face_pack (for people) and/or an object_model (for other subjects); both are 'none'. "
-                    "Put packs in models/insightface/models/ and DINOv2/CLIP folders in models/reward_models/")
-        if face_pack != NONE:
-            try:
-                resolve_face_pack(_roots(FACE_FOLDER), face_pack)
-            except (FileNotFoundError, ValueError) as e:
-                return str(e)
-        if object_model != NONE and object_model not in object_models():
-            return (f"object model '{object_model}' not found in {', '.join(_roots(OBJECT_FOLDER))}; expected a DINOv2 "
-                    "or CLIP folder with config.json, model.safetensors and preprocessor_config.json there")
+    def validate_inputs(cls, face_pack, object_model):
+        # names only these two inputs, so ComfyUI still checks the others (ranges); V3 combos are not checked by
+        # ComfyUI at all, so the folders are resolved here, and again in execute
+        try:
+            _check_models(face_pack, object_model)
+        except (FileNotFoundError, ValueError) as e:
+            return str(e)
         return True
 
     @classmethod
@@ -158,6 +166,9 @@ class ScoreIdentity(io.ComfyNode):
         from ..scoring.identity import IdentityScorer
         from ..scoring.report import render_identity_report
 
+        check_inputs(cls, subject_kind=subject_kind, face_threshold=face_threshold)
+        check_image_batch("image", image)
+        _check_models(face_pack, object_model)
         faces = _load_faces(face_pack, float(face_threshold)) if face_pack != NONE else None
         objects = _load_objects(object_model) if object_model != NONE else None
         scorer = IdentityScorer(faces=faces, objects=objects, kind=subject_kind)
