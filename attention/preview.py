@@ -9,6 +9,8 @@ time, so memory stays bounded (about 100 MB) whatever the canvas size and region
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,9 +73,12 @@ def render_layout(layout: Layout, subjects: Subjects | None = None, background: 
 
     priorities = subjects.priorities if subjects is not None else None
     order = _paint_order(len(layout), priorities)
-    for i in order:  # one region at a time: memory does not grow with the region count
-        alpha = (layout.regions[i].raster(height, width) * FILL_ALPHA)[..., None]
-        canvas.mul_(1 - alpha).add_(torch.tensor(region_colour(i)) * alpha)
+    for i in order:  # one region at a time, inside its bounding box: memory does not grow with the region count
+        x0, y0, x1, y1 = layout.regions[i].bounding_box()
+        rows = slice(int(y0 * height), max(int(y0 * height) + 1, math.ceil(y1 * height)))
+        cols = slice(int(x0 * width), max(int(x0 * width) + 1, math.ceil(x1 * width)))
+        alpha = (layout.regions[i].raster(height, width)[rows, cols] * FILL_ALPHA)[..., None]
+        canvas[rows, cols].mul_(1 - alpha).add_(torch.tensor(region_colour(i)) * alpha)
 
     image = Image.fromarray((canvas.clamp(0, 1) * 255).round().byte().numpy())
     draw = ImageDraw.Draw(image)
