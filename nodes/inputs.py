@@ -57,7 +57,7 @@ def model_file(folder: str, name: object, what: str) -> Path:
         candidate = os.path.join(root, name)
         if os.path.isfile(candidate):
             return require_inside(candidate, folder, what, name)
-    raise FileNotFoundError(f"{what} '{quote(name)}' was not found in the '{folder}' folders "
+    raise FileNotFoundError(f"{what} '{quote(name)}' not found in the '{folder}' folders "
                             f"({', '.join(folder_paths.get_folder_paths(folder))}); {_where_to_put(folder)}")
 
 
@@ -68,7 +68,7 @@ def model_folder(folder: str, name: object, what: str, sub: str = "") -> Path:
         candidate = os.path.join(root, sub, name)
         if os.path.isdir(candidate):
             return require_inside(candidate, folder, what, name)
-    raise FileNotFoundError(f"{what} '{quote(name)}' was not found in the '{folder}' folders "
+    raise FileNotFoundError(f"{what} '{quote(name)}' not found in the '{folder}' folders "
                             f"({', '.join(folder_paths.get_folder_paths(folder))}); {_where_to_put(folder)}")
 
 
