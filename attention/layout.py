@@ -28,9 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .checks import quote
+
 log = logging.getLogger("multisubject")
 
 MASK_AREA_THRESHOLD = 0.5  # fraction of a token's in-canvas area a mask must cover to claim it
+# bounds on user input, so one prompt cannot take the server down (README "Safety")
+MAX_REGIONS = 64  # regions per layout; every method's cost grows with the region count
+MAX_BOXES_CHARS = 65536  # box text; 64 boxes with labels and comments fit many times over
+MAX_JSON_DEPTH = 8  # nesting of JSON boxes ([{"box": [...]}] is 3 deep)
 Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 
 
@@ -50,7 +56,7 @@ class Region:
         if (self.box is None) == (self.mask is None):
             raise ValueError("a region is either a box or a mask; give exactly one")
         if self.box is not None:
-            _check_box(self.box, where=f"region '{self.label}'" if self.label else "region")
+            _check_box(self.box, where=f"region '{quote(self.label)}'" if self.label else "region")
         else:
             mask = self.mask
             if not isinstance(mask, Tensor) or mask.ndim != 2:
@@ -59,7 +65,7 @@ class Region:
             if not torch.isfinite(mask).all():
                 raise ValueError("region mask contains NaN or inf values")
             if float(mask.max()) <= 0.0:
-                name = f" '{self.label}'" if self.label else ""
+                name = f" '{quote(self.label)}'" if self.label else ""
                 raise ValueError(
                     f"region mask{name} is all zero, so its subject would have nowhere to go; paint the "
                     "subject's area in the mask or remove the subject"
@@ -68,6 +74,20 @@ class Region:
     @property
     def is_box(self) -> bool:
         return self.box is not None
+
+    def raster(self, height: int, width: int) -> Tensor:
+        """This region drawn on a ``height x width`` picture of the canvas: exact pixel coverage for boxes, area
+        average for masks (nearest when enlarging). Shapes: returns (height, width) float in [0, 1]."""
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            return _coverage_1d(y0 * height, y1 * height, height)[:, None] * _coverage_1d(x0 * width, x1 * width, width)
+        assert self.mask is not None
+        mask = self.mask.float()
+        if tuple(mask.shape) == (height, width):
+            return mask
+        shrink = height <= mask.shape[0] and width <= mask.shape[1]
+        return torch.nn.functional.interpolate(mask[None, None], size=(height, width),
+                                               mode="area" if shrink else "nearest")[0, 0]
 
     def bounding_box(self) -> Box:
         """The region's normalised bounding box (the box itself for box regions)."""
@@ -95,6 +115,7 @@ class Layout:
     def __post_init__(self) -> None:
         if not (isinstance(self.width, int) and isinstance(self.height, int) and self.width > 0 and self.height > 0):
             raise ValueError(f"layout canvas must be positive integer pixels, got {self.width}x{self.height}")
+        check_region_count(len(self.regions))
         for i, region in enumerate(self.regions):
             if region.mask is not None and tuple(region.mask.shape) != (self.height, self.width):
                 raise ValueError(
@@ -153,13 +174,7 @@ class Layout:
         """
         masks = torch.zeros(len(self.regions), self.height, self.width)
         for i, region in enumerate(self.regions):
-            if region.mask is not None:
-                masks[i] = region.mask.float()
-            else:
-                x0, y0, x1, y1 = region.box  # type: ignore[misc]
-                ys = _coverage_1d(y0 * self.height, y1 * self.height, self.height)
-                xs = _coverage_1d(x0 * self.width, x1 * self.width, self.width)
-                masks[i] = ys[:, None] * xs[None, :]
+            masks[i] = region.raster(self.height, self.width)
         return masks
 
     @classmethod
@@ -174,6 +189,7 @@ class Layout:
             masks = masks.unsqueeze(0)
         if masks.ndim != 3:
             raise ValueError(f"expected a mask batch (S, H, W), got shape {tuple(masks.shape)}")
+        check_region_count(masks.shape[0])
         labels = labels or [""] * masks.shape[0]
         regions = []
         for i, (mask, label) in enumerate(zip(masks, labels)):
@@ -184,6 +200,14 @@ class Layout:
                 )
             regions.append(Region(mask=mask.float().clamp(0.0, 1.0), label=label))
         return cls(int(masks.shape[2]), int(masks.shape[1]), tuple(regions))
+
+
+def check_region_count(count: int) -> None:
+    if count > MAX_REGIONS:
+        raise ValueError(
+            f"a layout holds at most {MAX_REGIONS} regions (one per subject), got {count}; split the scene into "
+            "fewer subjects"
+        )
 
 
 # parsing boxes typed by users
@@ -204,6 +228,11 @@ def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height:
     """
     if units not in ("normalized", "pixels"):
         raise ValueError(f"units must be 'normalized' or 'pixels', got {units!r}")
+    if len(text) > MAX_BOXES_CHARS:
+        raise ValueError(
+            f"box text is {len(text)} characters; at most {MAX_BOXES_CHARS} are read (up to {MAX_REGIONS} boxes). "
+            "Give one line per subject"
+        )
     stripped = text.strip()
     if not stripped:
         raise ValueError(
@@ -213,6 +242,7 @@ def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height:
     raw = _parse_json_boxes(stripped) if stripped[0] in "[{" else _parse_line_boxes(stripped)
     if not raw:
         raise ValueError("no boxes given: every line is blank or a comment")
+    check_region_count(len(raw))
     scale = (width, height, width, height) if units == "pixels" else (1, 1, 1, 1)
     result = []
     for where, numbers, label in raw:
@@ -231,12 +261,12 @@ def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str]]:
         if not line or line.startswith("#"):
             continue
         label, _, numbers_text = line.rpartition(":")
-        where = f"line {lineno} ('{line}')"
+        where = f"line {lineno} ('{quote(line)}')"
         tokens = [t for t in re.split(r"[,\s]+", numbers_text.strip()) if t]
         bad = [t for t in tokens if not re.fullmatch(_NUMBER, t, flags=re.IGNORECASE)]
         if bad:
             raise ValueError(
-                f"{where}: '{bad[0]}' is not a number. Write 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1'"
+                f"{where}: '{quote(bad[0], 20)}' is not a number. Write 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1'"
             )
         if len(tokens) != 4:
             raise ValueError(
@@ -247,6 +277,7 @@ def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str]]:
 
 
 def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str]]:
+    _check_json_depth(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -254,6 +285,8 @@ def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str]]:
             f"boxes look like JSON but do not parse: {e.msg} at line {e.lineno} column {e.colno}. Expected "
             'a list like [[0.1, 0.2, 0.5, 0.9], ...] or [{"box": [...], "label": "corgi"}, ...]'
         ) from None
+    except ValueError as e:  # e.g. an integer longer than Python's digit limit
+        raise ValueError(f"JSON boxes hold a value that cannot be read: {quote(e)}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -264,15 +297,35 @@ def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str]]:
         label = ""
         if isinstance(item, dict):
             if "box" not in item:
-                raise ValueError(f"{where}: an object needs a 'box' key, got keys {sorted(item)}")
+                raise ValueError(f"{where}: an object needs a 'box' key, got keys {quote(sorted(item))}")
             label = str(item.get("label", ""))
             item = item["box"]
         if not isinstance(item, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in item):
-            raise ValueError(f"{where}: expected a list of 4 numbers [x0, y0, x1, y1], got {item!r}")
+            raise ValueError(f"{where}: expected a list of 4 numbers [x0, y0, x1, y1], got {quote(repr(item))}")
         if len(item) != 4:
             raise ValueError(f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(item)}")
-        raw.append((where, [float(n) for n in item], label))
+        try:
+            numbers = [float(n) for n in item]
+        except OverflowError:
+            raise ValueError(f"{where}: a number is too large: {quote(repr(item))}; coordinates are fractions "
+                             "0..1 or pixels of the canvas") from None
+        raw.append((where, numbers, label))
     return raw
+
+
+def _check_json_depth(text: str) -> None:
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` before parsing it (deep nesting exhausts the stack)."""
+    depth = 0
+    for char in re.sub(r'"(?:[^"\\]|\\.)*"', '""', text):  # brackets inside strings do not nest
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(
+                    f"JSON boxes are nested more than {MAX_JSON_DEPTH} levels deep; expected a list like "
+                    '[[0.1, 0.2, 0.5, 0.9], ...] or [{"box": [...], "label": "corgi"}, ...]'
+                )
+        elif char in "]}":
+            depth -= 1
 
 
 def _check_pixel_box(numbers: list[float], width: int, height: int, where: str) -> None:

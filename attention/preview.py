@@ -4,11 +4,15 @@ Regions are painted in overlap order (``layout.overlap_order``: lowest priority 
 largest region first), so what you see on top is what owns an overlap. A subject that would own no
 token at some attention resolution is named in a warning drawn under the regions and logged. Text
 uses Pillow's built-in font, so no font files are needed.
+
+The picture is at most ``MAX_PREVIEW_SIDE`` pixels on its long side and regions are drawn one at a
+time, so memory stays bounded (about 100 MB) whatever the canvas size and region count.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import textwrap
 
 import numpy as np
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .checks import check_image_batch
 from .layout import (
     Layout,
     TokenGrid,
@@ -48,6 +53,7 @@ WARNING_COLOUR = (255, 64, 64)
 PIXELS_PER_LATENT = 8  # SD1.5, SDXL and Flux VAEs
 # attention grids as latent downscales: SD1.5 uses 1, 2, 4, 8; SDXL 2 and 4; Flux's 2x2 patches 2
 TOKEN_DOWNSCALES = (1, 2, 4, 8)
+MAX_PREVIEW_SIDE = 2048  # long side of the rendered preview; larger canvases and backgrounds are drawn scaled down
 
 
 def region_colour(index: int) -> tuple[float, float, float]:
@@ -58,8 +64,9 @@ def render_layout(layout: Layout, subjects: Subjects | None = None, background: 
     """Draw ``layout`` over ``background`` (or a dark canvas).
 
     Shapes:
-        background: (H, W, 3) float in [0, 1], same aspect ratio as the canvas
-        returns (1, H', W', 3) float in [0, 1]; H' x W' is the background's size or the canvas size
+        background: (H, W, C) float in [0, 1], C in {1, 3, 4}, same aspect ratio as the canvas
+        returns (1, H', W', 3) float in [0, 1]; H' x W' is the background's size or the canvas size, scaled down
+        to a long side of ``MAX_PREVIEW_SIDE`` when larger
     """
     if subjects is not None:
         layout.check_subject_count(len(subjects))
@@ -71,27 +78,35 @@ def render_layout(layout: Layout, subjects: Subjects | None = None, background: 
                 f"background image is {bg_w}x{bg_h} but the layout canvas is {layout.width}x{layout.height}; "
                 "their aspect ratios differ, so the boxes would not line up. Use an image of the canvas's aspect ratio"
             )
-        canvas = background[..., :3].float().clone()
+        check_image_batch("background image", background[None])
+        height, width = preview_size(bg_h, bg_w)
+        rgb = background[..., :3].float().expand(-1, -1, 3)  # grayscale -> RGB, RGBA -> RGB
+        if (height, width) == (bg_h, bg_w):
+            canvas = rgb.clone()
+        else:
+            canvas = F.interpolate(rgb.permute(2, 0, 1)[None], size=(height, width), mode="area")[0].permute(1, 2, 0)
     else:
-        canvas = torch.full((layout.height, layout.width, 3), EMPTY_BACKGROUND)
-    height, width = canvas.shape[:2]
+        height, width = preview_size(layout.height, layout.width)
+        canvas = torch.full((height, width, 3), EMPTY_BACKGROUND)
 
-    masks = layout.rasterize()  # (S, H_c, W_c)
-    if (height, width) != (layout.height, layout.width):
-        masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0]
     priorities = subjects.priorities if subjects is not None else [0] * len(layout)
     order = overlap_order(priorities, region_areas(layout))
     for i in order:
-        alpha = (masks[i] * FILL_ALPHA)[..., None]
-        colour = torch.tensor(region_colour(i))
-        canvas = canvas * (1 - alpha) + colour * alpha
+        # one region at a time, inside its bounding box: memory does not grow with the region count
+        x0, y0, x1, y1 = layout.regions[i].bounding_box()
+        rows = slice(int(y0 * height), max(int(y0 * height) + 1, math.ceil(y1 * height)))
+        cols = slice(int(x0 * width), max(int(x0 * width) + 1, math.ceil(x1 * width)))
+        alpha = (layout.regions[i].raster(height, width)[rows, cols] * FILL_ALPHA)[..., None]
+        canvas[rows, cols].mul_(1 - alpha).add_(torch.tensor(region_colour(i)) * alpha)
 
     image = Image.fromarray((canvas.clamp(0, 1) * 255).round().byte().numpy())
     draw = ImageDraw.Draw(image)
     font = _font(max(12, min(height, width) // 40))
     for i in order:
         x0, y0, x1, y1 = layout.regions[i].bounding_box()
-        box_px = (round(x0 * width), round(y0 * height), round(x1 * width) - 1, round(y1 * height) - 1)
+        px0, py0 = min(round(x0 * width), width - 1), min(round(y0 * height), height - 1)
+        # a box thinner than one preview pixel is still drawn, one pixel wide (PIL needs x1 >= x0)
+        box_px = (px0, py0, max(px0, round(x1 * width) - 1), max(py0, round(y1 * height) - 1))
         rgb = tuple(round(c * 255) for c in region_colour(i))
         draw.rectangle(box_px, outline=rgb, width=max(2, min(height, width) // 256))
         text = f"{i + 1} {layout.regions[i].label}".strip()
@@ -163,6 +178,12 @@ def _draw_warnings(draw: ImageDraw.ImageDraw, warnings: list[str], font, width: 
     draw.rectangle((0, top, width - 1, height - 1), fill=(0, 0, 0))
     for n, line in enumerate(lines):
         draw.text((4, top + 2 + n * line_height), line, fill=WARNING_COLOUR, font=font)
+
+
+def preview_size(height: int, width: int) -> tuple[int, int]:
+    """``height x width`` scaled down (aspect kept) so the long side is at most ``MAX_PREVIEW_SIDE``."""
+    scale = min(1.0, MAX_PREVIEW_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _paste_thumbnail(image: Image.Image, reference: Tensor, box_px: tuple[int, int, int, int], top: int) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..attention.checks import check_image_batch
 from ..attention.layout import Layout, composite_ownership, parse_boxes, region_areas
 from ..attention.preview import render_layout
+from .inputs import check_inputs
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS, mask_batch
 
 _SUBJECTS_TOOLTIP = "Optional subjects: their count is checked against the regions and their labels fill unlabelled regions."
@@ -48,6 +50,7 @@ class LayoutFromBoxes(io.ComfyNode):
 
     @classmethod
     def execute(cls, boxes, units, width, height, subjects=None) -> io.NodeOutput:
+        check_inputs(cls, units=units, width=width, height=height)
         parsed = parse_boxes(boxes, units=units, width=width, height=height)
         layout = Layout.from_boxes(width, height, [b for b, _ in parsed], [lab for _, lab in parsed])
         return io.NodeOutput(_label_from_subjects(layout, subjects))
@@ -104,6 +107,8 @@ class PreviewLayout(io.ComfyNode):
 
     @classmethod
     def execute(cls, layout, subjects=None, background=None) -> io.NodeOutput:
+        if background is not None:
+            check_image_batch("background", background)
         image = render_layout(layout, subjects, None if background is None else background[0])
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 

@@ -24,6 +24,7 @@ from ..attention.attention_maps import (
     normalize_maps,
     reference_attention_maps,
 )
+from ..attention.checks import check_image_batch, quote
 from ..attention.layout import TokenGrid, composite_ownership, region_areas, region_token_masks
 from ..attention.reference_attention import (
     BiasCache,
@@ -41,6 +42,7 @@ from ..attention.unope import (
     reference_size,
     resize_reference,
 )
+from .inputs import check_inputs
 from .types import CATEGORY, FLUX_REFERENCES, LAYOUT, PREFIX, SUBJECTS
 
 WRAPPER_KEY = "multisubject_multicrafter"
@@ -141,6 +143,7 @@ class MultiCrafterReferences(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, subjects, vae, reference_size, keep_aspect) -> io.NodeOutput:
+        check_inputs(cls, reference_size=reference_size)
         latents, refs = encode_references(subjects, vae, int(reference_size), bool(keep_aspect))
         return io.NodeOutput(
             attach_references(positive, latents, "positive"), attach_references(negative, latents, "negative"), refs
@@ -330,6 +333,7 @@ class ApplyMultiCrafter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, references, strength, start_percent, end_percent, layout=None) -> io.NodeOutput:
+        check_inputs(cls, strength=strength, start_percent=start_percent, end_percent=end_percent)
         config = ReferenceAttentionConfig(float(strength), float(start_percent), float(end_percent))
         require_flux(model, "Apply MultiCrafter")
         if layout is not None:
@@ -347,9 +351,9 @@ def parse_percents(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {text!r}") from None
+        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {quote(repr(text))}") from None
     if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {text!r}")
+        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {quote(repr(text))}")
     return values
 
 
@@ -393,6 +397,9 @@ class MultiCrafterAttentionMaps(io.ComfyNode):
         import comfy.sample
         import comfy.samplers
 
+        check_inputs(cls, direction=direction, seed=seed)
+        if image is not None:
+            check_image_batch("image", image)
         percents = parse_percents(at_percent)
         recorder = AttentionRecorder(direction, bool(include_single_blocks))
         patched, _ = _install(model, references, "MultiCrafter Attention Maps", recorder=recorder)

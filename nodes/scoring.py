@@ -16,9 +16,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..attention.checks import check_image_batch
 from ..scoring.faces import resolve_face_pack
 from ..scoring.identity import KINDS
 from ..scoring.objects import SUPPORTED
+from .inputs import check_inputs, check_name, model_folder, require_inside
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
 
 NONE = "none"
@@ -80,30 +82,26 @@ def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
 
+def _face_pack_dir(pack: str):
+    """The pack's folder, inside a registered insightface root (names only: no paths, no links out)."""
+    name = check_name(FACE_FOLDER, pack, "face pack")
+    return require_inside(resolve_face_pack(_roots(FACE_FOLDER), name), FACE_FOLDER, "face pack", name)
+
+
 def _load_faces(pack: str, det_threshold: float):
     from ..scoring.faces import FaceEmbedder
 
-    pack_dir = resolve_face_pack(_roots(FACE_FOLDER), pack)
+    pack_dir = _face_pack_dir(pack)
     key = ("faces", str(pack_dir), det_threshold)
     if key not in _LOADED:
         _LOADED[key] = FaceEmbedder.load(pack_dir, det_threshold=det_threshold)
     return _LOADED[key]
 
 
-def _reward_model_folder(name: str, what: str) -> str:
-    folder = next((os.path.join(r, name) for r in _roots(OBJECT_FOLDER) if os.path.isdir(os.path.join(r, name))), None)
-    if folder is None:
-        raise FileNotFoundError(
-            f"{what} '{name}' not found in {', '.join(_roots(OBJECT_FOLDER))}; put its folder (config.json, "
-            "model.safetensors, preprocessor_config.json) in models/reward_models/"
-        )
-    return folder
-
-
 def _load_objects(name: str):
     from ..scoring.objects import ImageEmbedder
 
-    folder = _reward_model_folder(name, "object model")
+    folder = str(model_folder(OBJECT_FOLDER, name, "object model"))
     key = ("objects", folder)
     if key not in _LOADED:
         _LOADED[key] = ImageEmbedder.load(folder, what=f"object model '{name}'")
@@ -115,12 +113,29 @@ def _load_locator(detector: str, segmenter: str):
     from ..scoring.metrics import PhraseDetector
     from ..scoring.segment import BoxSegmenter
 
-    folder = _reward_model_folder(detector, "object detector")
-    masks = _reward_model_folder(segmenter, "object segmenter") if segmenter != NONE else None
+    folder = str(model_folder(OBJECT_FOLDER, detector, "object detector"))
+    masks = str(model_folder(OBJECT_FOLDER, segmenter, "object segmenter")) if segmenter != NONE else None
     key = ("locator", folder, masks)
     if key not in _LOADED:
         _LOADED[key] = ObjectLocator(PhraseDetector.load(folder), BoxSegmenter.load(masks) if masks else None)
     return _LOADED[key]
+
+
+def _check_models(face_pack: str, object_model: str, object_detector: str = NONE, object_segmenter: str = NONE) -> None:
+    if face_pack == NONE and object_model == NONE:
+        raise ValueError("choose a face_pack (for people) and/or an object_model (for other subjects); both are "
+                         "'none'. Put packs in models/insightface/models/ and DINO/DINOv2/CLIP folders in "
+                         "models/reward_models/")
+    if face_pack != NONE:
+        _face_pack_dir(face_pack)
+    if object_model != NONE:
+        model_folder(OBJECT_FOLDER, object_model, "object model")
+    if object_detector not in (None, NONE):
+        model_folder(OBJECT_FOLDER, object_detector, "object detector")
+    if object_segmenter not in (None, NONE):
+        if object_detector in (None, NONE):
+            raise ValueError("object_segmenter masks what object_detector finds; choose an object_detector as well")
+        model_folder(OBJECT_FOLDER, object_segmenter, "object segmenter")
 
 
 class ScoreIdentity(io.ComfyNode):
@@ -183,28 +198,13 @@ class ScoreIdentity(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, face_pack, object_model, object_detector=NONE, object_segmenter=NONE, **kwargs):
-        # a custom validate_inputs replaces ComfyUI's own combo check for these inputs, so check them here
-        if face_pack == NONE and object_model == NONE:
-            return ("choose a face_pack (for people) and/or an object_model (for other subjects); both are 'none'. "
-                    "Put packs in models/insightface/models/ and DINOv2/CLIP folders in models/reward_models/")
-        if face_pack != NONE:
-            try:
-                resolve_face_pack(_roots(FACE_FOLDER), face_pack)
-            except (FileNotFoundError, ValueError) as e:
-                return str(e)
-        if object_model != NONE and object_model not in object_models():
-            return (f"object model '{object_model}' not found in {', '.join(_roots(OBJECT_FOLDER))}; expected a DINO, "
-                    "DINOv2 or CLIP folder with config.json, model.safetensors and preprocessor_config.json there")
-        if object_detector not in (None, NONE) and object_detector not in object_detectors():
-            return (f"object detector '{object_detector}' not found in {', '.join(_roots(OBJECT_FOLDER))}; expected an "
-                    "OWLv2 or OWL-ViT folder with config.json, model.safetensors and preprocessor_config.json there")
-        if object_segmenter not in (None, NONE):
-            if object_segmenter not in object_segmenters():
-                return (f"object segmenter '{object_segmenter}' not found in {', '.join(_roots(OBJECT_FOLDER))}; "
-                        "expected a SAM folder with config.json, model.safetensors and preprocessor_config.json there")
-            if object_detector in (None, NONE):
-                return "object_segmenter masks what object_detector finds; choose an object_detector as well"
+    def validate_inputs(cls, face_pack, object_model, object_detector=NONE, object_segmenter=NONE):
+        # names only the model inputs, so ComfyUI still checks the others (ranges); V3 combos are not checked by
+        # ComfyUI at all, so the folders are resolved here, and again in execute
+        try:
+            _check_models(face_pack, object_model, object_detector, object_segmenter)
+        except (FileNotFoundError, ValueError) as e:
+            return str(e)
         return True
 
     @classmethod
@@ -213,6 +213,9 @@ class ScoreIdentity(io.ComfyNode):
         from ..scoring.identity import IdentityScorer
         from ..scoring.report import render_identity_report
 
+        check_inputs(cls, subject_kind=subject_kind, face_threshold=face_threshold)
+        check_image_batch("image", image)
+        _check_models(face_pack, object_model, object_detector, object_segmenter)
         faces = _load_faces(face_pack, float(face_threshold)) if face_pack != NONE else None
         objects = _load_objects(object_model) if object_model != NONE else None
         locator = _load_locator(object_detector, object_segmenter or NONE) \

@@ -24,13 +24,19 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from ..attention.files import file_error, read_torch_file, reading
 from .deps import require
 from .faces import refuse_hub_id
-from .objects import check_model_dir
+from .objects import REFETCH, check_model_dir, read_model_type
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HPS_ARCH = "ViT-H-14"
+# HPS files are read with torch.load(weights_only=True) only; a file that pickles other objects is refused
+HPS_CONVERT_HINT = (
+    "convert it once, on a machine where you trust the file: load it with torch.load with pickle loading allowed, "
+    "then save only its tensors, torch.save(s.get('state_dict', s), 'OUT.pt'), and give OUT.pt"
+)
 DETECTION_THRESHOLD = 0.1  # OWLv2 score threshold for keeping a box (the processor's default)
 
 
@@ -80,6 +86,8 @@ class HPSv2Scorer:
                 f"HPSv2 checkpoint {path} not found; expected the file HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt) "
                 "from the HPSv2 release"
             )
+        state = read_torch_file(path, "HPSv2 checkpoint", convert_hint=HPS_CONVERT_HINT)
+        state = state.get("state_dict", state)
         open_clip = require("open_clip", "the AES (HPSv2) metric")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(arch).endswith(".json"):  # an open_clip model config file: registered under its file name
@@ -89,17 +97,11 @@ class HPSv2Scorer:
             register_open_clip_config(config.stem, json.loads(config.read_text()))
             arch = config.stem
         model = open_clip.create_model(arch, pretrained=None)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # older HPS files pickle extra objects; the user vouches for this file
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        with reading(path, "HPSv2 checkpoint", f"use HPS_v2(.1)_compressed.pt for open_clip '{arch}'"):
+            missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
-            raise ValueError(
-                f"HPSv2 checkpoint {path} does not fit open_clip '{arch}': {len(missing)} missing keys (e.g. "
-                f"{missing[0]}); expected HPS_v2(.1)_compressed.pt for ViT-H-14"
-            )
+            raise file_error(path, "HPSv2 checkpoint", f"does not fit open_clip '{arch}': {len(missing)} missing keys "
+                             f"(e.g. {missing[0]})", "use HPS_v2(.1)_compressed.pt for ViT-H-14")
         image_size = model.visual.image_size
         image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
         return cls(model, open_clip.get_tokenizer(arch), image_size, device)
@@ -147,14 +149,15 @@ class PhraseDetector:
     def load(cls, path: str | Path, device: str | None = None, threshold: float = DETECTION_THRESHOLD) -> PhraseDetector:
         folder = check_model_dir(path, "object detector (OWLv2)")
         transformers = require("transformers", "the object detector (OWLv2: object location, mIoU, AP50)")
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+        model_type = read_model_type(folder, "object detector (OWLv2)")
         if model_type not in ("owlv2", "owlvit"):
             raise ValueError(
                 f"object detector: {folder} holds a '{model_type}' model; expected an OWLv2 or OWL-ViT folder "
                 "(config.json model_type 'owlv2' or 'owlvit')"
             )
-        processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
-        model = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(folder, local_files_only=True)
+        with reading(folder, "object detector (OWLv2)", REFETCH):
+            processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+            model = transformers.AutoModelForZeroShotObjectDetection.from_pretrained(folder, local_files_only=True)
         return cls(model, processor, device or ("cuda" if torch.cuda.is_available() else "cpu"), threshold,
                    int(model.config.text_config.max_position_embeddings))
 

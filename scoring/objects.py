@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..attention.files import reading
 from .deps import require
 from .faces import refuse_hub_id
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4.x / 5.x processors
 SUPPORTED = {"vit": "DINO (ViT)", "dinov2": "DINOv2", "clip": "CLIP"}
+REFETCH = "download the folder again (huggingface-cli download <id> --local-dir <folder>) or re-save it"
 BACKGROUND = 1.0  # masked crops get a white background (MultiCrafter's recipe)
 
 
@@ -50,6 +52,13 @@ def check_model_dir(path: str | Path, what: str) -> Path:
             "model.safetensors and preprocessor_config.json (what save_pretrained writes)"
         )
     return folder
+
+
+def read_model_type(folder: Path, what: str) -> str:
+    """``model_type`` of a folder's config.json; a damaged config.json is named with the fix."""
+    with reading(folder / "config.json", f"{what} config", REFETCH):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return str(config.get("model_type", ""))
 
 
 def masked_crop(image: Tensor, box_px: tuple[int, int, int, int], mask: Tensor | None = None) -> Tensor:
@@ -88,22 +97,23 @@ class ImageEmbedder:
     def load(cls, path: str | Path, device: str | None = None, what: str = "image embedder") -> ImageEmbedder:
         folder = check_model_dir(path, what)
         transformers = require("transformers", what)
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+        model_type = read_model_type(folder, what)
         if model_type not in SUPPORTED:
             raise ValueError(
                 f"{what}: {folder} holds a '{model_type}' model; expected one of {', '.join(SUPPORTED.values())} "
                 f"(config.json model_type {' or '.join(repr(k) for k in SUPPORTED)})"
             )
-        processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         tokenizer = None
-        if model_type == "vit":
-            model = transformers.ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
-        elif model_type == "dinov2":
-            model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
-        else:
-            model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
-            if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-                tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        with reading(folder, f"{what} ({SUPPORTED[model_type]})", REFETCH):
+            processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            if model_type == "vit":
+                model = transformers.ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+            elif model_type == "dinov2":
+                model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+            else:
+                model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
+                if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+                    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         return cls(model, processor, model_type, folder, tokenizer, device)
 
     @property

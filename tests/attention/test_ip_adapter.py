@@ -91,5 +91,5 @@ def test_clip_width_mismatch_names_both_widths_and_the_encoder_to_use():
 
 
 def test_unknown_file_suffix_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="expected a .safetensors or .bin"):
+    with pytest.raises(ValueError, match="is not a .safetensors or .bin file"):
         load_adapter_file(tmp_path / "adapter.onnx")

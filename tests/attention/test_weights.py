@@ -136,7 +136,7 @@ def test_every_mismatch_in_a_file_gets_a_clear_error(tmp_path, name, edit_tensor
 def test_not_a_safetensors_file_and_missing_file_are_named(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a file")
-    with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
+    with pytest.raises(ValueError, match="junk.safetensors' is not a safetensors file"):
         load_multicrafter_weights(junk)
     with pytest.raises(ValueError, match="does not exist"):
         load_multicrafter_weights(tmp_path / "nope.safetensors")
