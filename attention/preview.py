@@ -53,6 +53,10 @@ WARNING_COLOUR = (255, 64, 64)
 PIXELS_PER_LATENT = 8  # SD1.5, SDXL and Flux VAEs
 # attention grids as latent downscales: SD1.5 uses 1, 2, 4, 8; SDXL 2 and 4; Flux's 2x2 patches 2
 TOKEN_DOWNSCALES = (1, 2, 4, 8)
+# the ownership check holds (S, h, w) token masks per grid; grids bigger than this many cells (only canvases far
+# beyond what the models generate, e.g. 16384 px with 64 regions) are left to the warning the attention itself logs
+# at run time, so the preview's memory stays bounded whatever the canvas size and region count
+MAX_WARNING_CELLS = 1 << 24
 MAX_PREVIEW_SIDE = 2048  # long side of the rendered preview; larger canvases and backgrounds are drawn scaled down
 
 
@@ -143,6 +147,8 @@ def ownership_warnings(layout: Layout, subjects: Subjects | None = None) -> list
     messages: dict[int, str] = {}
     for downscale in TOKEN_DOWNSCALES:
         grid = TokenGrid.from_latent(latent_h, latent_w, downscale)
+        if len(layout) * grid.num_tokens > MAX_WARNING_CELLS:
+            continue
         masks = region_token_masks(layout, grid)
         where = f"at {downscale * PIXELS_PER_LATENT} px tokens ({grid.h}x{grid.w} grid)"
         for active in sorted(active_sets):
