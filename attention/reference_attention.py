@@ -17,62 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .unope import token_grid
+from .families import TokenLayout
 
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where text, image and reference tokens sit in one attention call's joint sequence."""
-
-    num_txt: int  # T_txt
-    image_grid: tuple[int, int]  # (h, w) image token grid
-    reference_grids: tuple[tuple[int, int], ...]  # (h_k, w_k) per reference, in sequence order
-
-    def __post_init__(self) -> None:
-        if self.num_txt < 0 or min(self.image_grid) <= 0 or any(min(g) <= 0 for g in self.reference_grids):
-            raise ValueError(f"invalid token layout {self}")
-
-    @classmethod
-    def from_latents(cls, num_txt: int, latent_hw: tuple[int, int],
-                     reference_latent_hws: Sequence[tuple[int, int]]) -> TokenLayout:
-        return cls(num_txt, token_grid(*latent_hw), tuple(token_grid(*hw) for hw in reference_latent_hws))
-
-    @property
-    def num_img(self) -> int:
-        return self.image_grid[0] * self.image_grid[1]
-
-    @property
-    def image_span(self) -> tuple[int, int]:
-        return self.num_txt, self.num_txt + self.num_img
-
-    @property
-    def reference_spans(self) -> list[tuple[int, int]]:
-        spans, start = [], self.num_txt + self.num_img
-        for h, w in self.reference_grids:
-            spans.append((start, start + h * w))
-            start += h * w
-        return spans
-
-    @property
-    def total(self) -> int:
-        return self.num_txt + self.num_img + sum(h * w for h, w in self.reference_grids)
-
-    def subject_key_mask(self, subject_index: Sequence[int], num_subjects: int) -> Tensor:
-        """Which joint-sequence tokens are reference tokens of each subject.
-
-        Shapes:
-            returns (S, N) bool, N = total tokens
-        """
-        if len(subject_index) != len(self.reference_grids):
-            raise ValueError(
-                f"the model got {len(self.reference_grids)} reference latent(s) but {len(subject_index)} "
-                "reference(s) were described; feed the sampler the conditioning from the same MultiCrafter "
-                "References node whose references output you connected"
-            )
-        out = torch.zeros(num_subjects, self.total, dtype=torch.bool)
-        for (start, end), subject in zip(self.reference_spans, subject_index):
-            out[subject, start:end] = True
-        return out
+__all__ = ["BiasCache", "ReferenceAttentionConfig", "TokenLayout", "combine_with_mask", "reference_attention_bias"]
 
 
 @dataclass(frozen=True)
