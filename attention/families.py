@@ -153,6 +153,7 @@ class ModelFamily:
     reference_sources: str  # the ComfyUI nodes that put references on a conditioning, for error messages
     max_references: int | None = None
     refiner_calls: bool = False  # attention calls over txt, img or refs alone (OmniGen2's refiners) happen per forward
+    double_blocks: str | None = None  # attribute listing the dual-stream blocks; their joint calls come first per forward
     time_shift: TimeShift | None = None
     weight_format: WeightFormat | None = None
 
@@ -227,6 +228,7 @@ FLUX = ModelFamily(
     reference_methods=("offset", "index", "uxo"),
     default_method="offset",
     reference_sources="ReferenceLatent (Kontext), FluxKontextMultiReferenceLatentMethod, MultiCrafter References",
+    double_blocks="double_blocks",
     time_shift=TimeShift(256, 0.5, 4096, 1.15),
     weight_format=WeightFormat(
         base_model="flux1",
@@ -249,6 +251,7 @@ QWEN_IMAGE = ModelFamily(
     reference_methods=("index", "offset"),
     default_method="index",
     reference_sources="TextEncodeQwenImageEditPlus (image1..3), ReferenceLatent",
+    double_blocks="transformer_blocks",
 )
 
 OMNIGEN2 = ModelFamily(

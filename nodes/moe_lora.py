@@ -12,7 +12,7 @@ from ..attention.weights import (
     module_features,
     to_state_dict,
 )
-from .multicrafter import require_flux
+from .families import require_flux
 from .types import CATEGORY, PREFIX
 
 FOLDER = "loras"  # MultiCrafter files live next to other LoRAs (models/loras)
