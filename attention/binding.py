@@ -324,6 +324,22 @@ def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     return sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, parts))
 
 
+def combine_with_mask(bias: Tensor, mask: Tensor | None) -> Tensor:
+    """Add an incoming attention mask (bool: True = attend, or additive float) to our bias.
+
+    Shapes:
+        bias: (1, 1, N, N); mask: broadcastable to (B, H, N, N) or (B, N, N); returns broadcastable (B, H, N, N)
+    """
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+            ~mask.to(bias.device), torch.finfo(bias.dtype).min / 4)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    return bias + mask.to(device=bias.device, dtype=bias.dtype)
+
+
 def choose_implementation(config: BindingConfig, device: torch.device, has_mask: bool) -> str:
     """``bias`` or ``split`` for one call. An incoming mask forces ``bias`` (it is added to ours).
 

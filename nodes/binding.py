@@ -24,9 +24,9 @@ from ..attention.binding import (
     CallBinding,
     SubjectBinding,
     choose_implementation,
+    combine_with_mask,
 )
 from ..attention.families import ModelFamily, TokenLayout
-from ..attention.reference_attention import combine_with_mask
 from .families import double_block_calls, require_family
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from fixture_nodes.fx_flux import TINY_FLUX, build_tiny_flux, build_tiny_flux_vae, tiny_flux_conditioning
 
+from multisubject.attention.binding import BindingConfig, BindingPlan, SubjectBinding
+from multisubject.attention.families import FLUX
 from multisubject.attention.layout import Layout
 from multisubject.attention.moe_lora import MoELoRA, MoELoRAConfig
-from multisubject.attention.reference_attention import ReferenceAttentionConfig, TokenLayout, reference_attention_bias
 from multisubject.attention.subjects import Subject, Subjects
 from multisubject.attention.unope import unope_ids
 from multisubject.attention.weights import LoRAConfig, LoRAPair, MoEExperts, MultiCrafterWeights
@@ -239,15 +240,13 @@ def test_layout_bias_is_exact_on_every_cpu_attention_backend(comfy, backend):
     import comfy.ldm.modules.attention as attention
 
     func = getattr(attention, f"attention_{backend}")
-    layout = TokenLayout(4, (3, 4), ((2, 2), (2, 3)))
-    allowed = torch.zeros(2, 3, 4, dtype=torch.bool)
-    allowed[0, :, :2] = True
-    allowed[1, :, 2:] = True
+    layout = FLUX.token_layout(4, (6, 8), [(4, 4), (4, 6)])
+    boxes = Layout.from_boxes(64, 48, [(0, 0, 0.5, 1), (0.5, 0, 1, 1)])
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, layout.total, 8) for _ in range(3))
     for strength in (1.0, 0.6):
-        bias = reference_attention_bias(layout, allowed, (0, 1), ReferenceAttentionConfig(strength).blocked_value(
-            torch.float32))
+        plan = BindingPlan(boxes, [SubjectBinding(1), SubjectBinding(1)], BindingConfig(strength, "both"))
+        bias = plan.for_call(layout, (6, 8), 2, 1.0, torch.float32, "cpu").bias()
         expected = ((q @ k.transpose(-1, -2)) / math.sqrt(8) + bias).softmax(-1) @ v  # (B, H, N, D)
         out = func(q, k, v, 2, mask=bias, skip_reshape=True)  # (B, N, H*D)
         assert torch.allclose(out, expected.transpose(1, 2).reshape(2, layout.total, 16), atol=1e-5)
