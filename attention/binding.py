@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .families import TokenLayout
-from .layout import Layout, TokenGrid, composite_by_priority, region_token_masks
+from .layout import Layout, TokenGrid, composite_ownership, region_areas, region_token_masks
 
 DIRECTIONS = ("image_to_reference", "both")
 IMPLEMENTATIONS = ("auto", "bias", "split")
@@ -85,17 +85,13 @@ class BindingConfig:
 def active_ownership(layout: Layout, grid: TokenGrid, priorities: Sequence[int], active: Sequence[bool]) -> Tensor:
     """Exclusive token ownership of the layout's regions, composited over the active subjects only.
 
-    The one place binding asks the layout module for ownership.
+    The one place binding asks the layout module for ownership (priority, then smaller area, then later subject).
 
     Shapes:
         returns (S, h, w) bool; rows of inactive subjects are all False
     """
-    masks = region_token_masks(layout, grid)
     on = [i for i, a in enumerate(active) if a]
-    out = torch.zeros_like(masks)
-    if on:
-        out[on] = composite_by_priority(masks[on], [priorities[i] for i in on]).exclusive
-    return out
+    return composite_ownership(region_token_masks(layout, grid), list(priorities), region_areas(layout), on).exclusive
 
 
 class BindingPlan:

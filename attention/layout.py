@@ -11,8 +11,9 @@ Rounding rules (documented for users in the README):
   * masks are downsampled by exact area: a token belongs to the region when the region covers at
     least ``MASK_AREA_THRESHOLD`` of the token's area inside the canvas. A mask smaller than that
     everywhere keeps the one token it covers most, so it never vanishes;
-  * overlaps are resolved by ``composite_by_priority``: the highest priority owns a token, equal
-    priorities go to the later subject (layers drawn in subject order).
+  * overlaps are resolved by ``composite_ownership``: the highest priority owns a token; among equal
+    priorities the smaller region owns it (nested and foreground regions win); among equal priorities
+    and equal areas the later subject owns it (see ``overlap_order``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -443,36 +445,113 @@ def _interp(values: Tensor, positions: Tensor, dim: int) -> Tensor:
 
 # priority compositing
 
+AREA_TIE_DECIMALS = 9  # areas (fractions of the canvas) equal to this many decimals tie: float noise never breaks a tie
+
+
+def region_areas(layout: Layout) -> list[float]:
+    """Each region's area as a fraction of the canvas: a box's width x height, a mask's mean value.
+
+    This is the default overlap order's key (``overlap_order``); it is measured on the canvas, not on
+    a token grid, so every attention resolution ranks the regions the same way.
+    """
+    areas = []
+    for region in layout.regions:
+        if region.box is not None:
+            x0, y0, x1, y1 = region.box
+            areas.append((x1 - x0) * (y1 - y0))
+        else:
+            assert region.mask is not None
+            areas.append(float(region.mask.double().mean()))
+    return areas
+
+
+def overlap_order(priorities: Sequence[int], areas: Sequence[float]) -> list[int]:
+    """Subject indices in painting order: where regions overlap, the subject painted last owns the tokens.
+
+    Sorted by priority (low first), then by area (large first, so smaller and nested regions are
+    painted over the regions they sit in), then by subject order (earlier first, so among equal
+    priorities and equal areas the later subject wins). This is AnyMS's "merge in descending box
+    area, ties follow input order", with an explicit priority overriding area.
+    """
+    if len(priorities) != len(areas):
+        raise ValueError(f"got {len(priorities)} priorities for {len(areas)} region areas; give one of each per subject")
+    return sorted(range(len(areas)), key=lambda j: (priorities[j], -round(areas[j], AREA_TIE_DECIMALS), j))
+
 
 @dataclass(frozen=True)
 class Ownership:
-    """Exclusive assignment of tokens to subjects.
+    """Exclusive assignment of tokens to the active subjects.
 
     Shapes (``*G`` is the grid, e.g. ``h, w`` or ``L``):
-        owner:      (*G) long, subject index or -1 for background
-        exclusive:  (S, *G) bool, one-hot over subjects where owned
-        background: (*G) bool, tokens no subject covers
+        owner:      (*G) long, subject index (into all S subjects) or -1 for background
+        exclusive:  (S, *G) bool, one-hot over subjects where owned; all False for inactive subjects
+        background: (*G) bool, tokens no active subject covers
     """
 
     owner: Tensor
     exclusive: Tensor
     background: Tensor
+    active: tuple[int, ...]
+
+    def unowned(self) -> list[int]:
+        """Active subjects that own no token at all (they have no effect on this grid)."""
+        counts = self.exclusive.flatten(1).sum(1).tolist()
+        return [j for j in self.active if counts[j] == 0]
 
 
-def composite_by_priority(token_masks: Tensor, priorities: list[int] | None = None) -> Ownership:
-    """Resolve overlaps: the highest priority owns a token; among equal priorities the later subject wins.
+def composite_ownership(
+    token_masks: Tensor,
+    priorities: Sequence[int],
+    areas: Sequence[float],
+    active: Sequence[int] | None = None,
+) -> Ownership:
+    """Resolve overlaps among the ``active`` subjects: each token goes to the one painted last by ``overlap_order``.
+
+    Inactive subjects (weight 0, outside their start/end window) take no part: the result for the
+    active subjects is exactly the result of calling this with the inactive subjects left out.
+    Callers cache the result per active set; this function is not for a per-call hot path.
 
     Shapes:
-        token_masks: (S, *G) bool
+        token_masks: (S, *G) bool, each subject's region on one token grid (``region_token_masks``)
+        priorities:  S ints, higher wins an overlap (the Subject node's ``priority``)
+        areas:       S floats, region area as a fraction of the canvas (``region_areas``); smaller wins a tie
+        active:      indices into S, in any order; None = all subjects
+        returns an ``Ownership`` over all S subjects (rows of inactive subjects are empty)
     """
     num_subjects = token_masks.shape[0]
-    priorities = list(range(num_subjects)) if priorities is None else list(priorities)
-    if len(priorities) != num_subjects:
-        raise ValueError(f"got {len(priorities)} priorities for {num_subjects} subject masks")
+    if len(priorities) != num_subjects or len(areas) != num_subjects:
+        raise ValueError(
+            f"got {len(priorities)} priorities and {len(areas)} areas for {num_subjects} subject masks; "
+            "give one of each per subject"
+        )
+    active = tuple(range(num_subjects)) if active is None else tuple(sorted(set(active)))
+    if active and not (0 <= active[0] and active[-1] < num_subjects):
+        raise ValueError(f"active subjects {list(active)} are not all indices of {num_subjects} subjects")
+    is_active = set(active)
     owner = torch.full(token_masks.shape[1:], -1, dtype=torch.long, device=token_masks.device)
-    # paint low -> high; a stable sort keeps subject order among ties, so later subjects paint last
-    for i in sorted(range(num_subjects), key=lambda j: priorities[j]):
-        owner[token_masks[i]] = i
+    for i in overlap_order(priorities, areas):
+        if i in is_active:
+            owner[token_masks[i]] = i
     subject_ids = torch.arange(num_subjects, device=token_masks.device).view(-1, *([1] * (token_masks.ndim - 1)))
     exclusive = owner.unsqueeze(0) == subject_ids
-    return Ownership(owner=owner, exclusive=exclusive, background=owner < 0)
+    return Ownership(owner=owner, exclusive=exclusive, background=owner < 0, active=active)
+
+
+def describe_unowned(
+    ownership: Ownership, token_masks: Tensor, labels: Sequence[str], where: str
+) -> dict[int, str]:
+    """A sentence for each active subject that owns no token, naming who took its tokens (for logs and previews).
+
+    Shapes: token_masks (S, *G) bool, as given to ``composite_ownership``.
+    """
+    def name(j: int) -> str:
+        return f"'{labels[j]}'" if j < len(labels) and labels[j] else f"subject {j + 1}"
+
+    messages = {}
+    for j in ownership.unowned():
+        takers = sorted(set(ownership.owner[token_masks[j]].tolist()) - {-1, j})
+        messages[j] = (
+            f"{name(j)} owns no token {where}: {', '.join(name(k) for k in takers)} cover(s) all of its region "
+            "there, so it has no effect; give it a higher priority or a region that reaches past theirs"
+        )
+    return messages

@@ -1,10 +1,15 @@
 """Render a layout as a picture: coloured regions, labels and subject thumbnails.
 
-Regions are painted in priority order (lowest first), so what you see on top is what owns an
-overlap. Text uses Pillow's built-in font, so no font files are needed.
+Regions are painted in overlap order (``layout.overlap_order``: lowest priority first, then the
+largest region first), so what you see on top is what owns an overlap. A subject that would own no
+token at some attention resolution is named in a warning drawn under the regions and logged. Text
+uses Pillow's built-in font, so no font files are needed.
 """
 
 from __future__ import annotations
+
+import logging
+import textwrap
 
 import numpy as np
 import torch
@@ -12,8 +17,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .layout import Layout
+from .layout import (
+    Layout,
+    TokenGrid,
+    composite_ownership,
+    describe_unowned,
+    overlap_order,
+    region_areas,
+    region_token_masks,
+)
 from .subjects import Subjects
+
+log = logging.getLogger("multisubject")
 
 # colour-blind-friendly palette (Okabe-Ito), cycled for more than 8 subjects
 PALETTE = (
@@ -29,6 +44,10 @@ PALETTE = (
 FILL_ALPHA = 0.45  # region tint over the background
 EMPTY_BACKGROUND = 0.12  # grey level when no background image is given
 MAX_ASPECT_ERROR = 0.01  # background image aspect may differ from the canvas by 1%
+WARNING_COLOUR = (255, 64, 64)
+PIXELS_PER_LATENT = 8  # SD1.5, SDXL and Flux VAEs
+# attention grids as latent downscales: SD1.5 uses 1, 2, 4, 8; SDXL 2 and 4; Flux's 2x2 patches 2
+TOKEN_DOWNSCALES = (1, 2, 4, 8)
 
 
 def region_colour(index: int) -> tuple[float, float, float]:
@@ -60,8 +79,8 @@ def render_layout(layout: Layout, subjects: Subjects | None = None, background: 
     masks = layout.rasterize()  # (S, H_c, W_c)
     if (height, width) != (layout.height, layout.width):
         masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0]
-    priorities = subjects.priorities if subjects is not None else None
-    order = _paint_order(len(layout), priorities)
+    priorities = subjects.priorities if subjects is not None else [0] * len(layout)
+    order = overlap_order(priorities, region_areas(layout))
     for i in order:
         alpha = (masks[i] * FILL_ALPHA)[..., None]
         colour = torch.tensor(region_colour(i))
@@ -83,16 +102,67 @@ def render_layout(layout: Layout, subjects: Subjects | None = None, background: 
         draw.text((box_px[0] + 4, box_px[1] + 4), text, fill=rgb, font=font)
         if subjects is not None:
             _paste_thumbnail(image, subjects[i].images[0], box_px, top=text_box[3] + 4)
+    warnings = ownership_warnings(layout, subjects)
+    for message in warnings:
+        log.warning("multisubject: layout: %s", message)
+    _draw_warnings(draw, warnings, font, width, height)
     out = torch.from_numpy(np.asarray(image).copy()).float() / 255.0
     return out[None]
 
 
-def _paint_order(num_regions: int, priorities: list[int] | None) -> list[int]:
-    """Indices low -> high priority, matching ``composite_by_priority``'s winner on overlaps."""
-    if priorities is None:
-        return list(range(num_regions))
-    # a stable sort, as in composite_by_priority: among ties the later subject paints last
-    return sorted(range(num_regions), key=lambda j: priorities[j])
+def ownership_warnings(layout: Layout, subjects: Subjects | None = None) -> list[str]:
+    """One sentence per subject that would own no token at some attention resolution, as the attention composites.
+
+    Checked for every set of subjects active together (weight > 0 and overlapping start/end windows;
+    all regions when no subjects are given) on the token grids SD1.5, SDXL and Flux use for this canvas
+    (``TOKEN_DOWNSCALES`` of the canvas / 8 latent). The first (finest) grid where it happens is named.
+    """
+    if subjects is None:
+        priorities, active_sets = [0] * len(layout), {tuple(range(len(layout)))}
+    else:
+        layout.check_subject_count(len(subjects))
+        layout = layout.with_labels(subjects.labels)
+        priorities, active_sets = subjects.priorities, _active_sets(subjects)
+    areas = region_areas(layout)
+    latent_h, latent_w = -(-layout.height // PIXELS_PER_LATENT), -(-layout.width // PIXELS_PER_LATENT)
+    messages: dict[int, str] = {}
+    for downscale in TOKEN_DOWNSCALES:
+        grid = TokenGrid.from_latent(latent_h, latent_w, downscale)
+        masks = region_token_masks(layout, grid)
+        where = f"at {downscale * PIXELS_PER_LATENT} px tokens ({grid.h}x{grid.w} grid)"
+        for active in sorted(active_sets):
+            ownership = composite_ownership(masks, priorities, areas, active)
+            for j, message in describe_unowned(ownership, masks, layout.labels, where).items():
+                messages.setdefault(j, message)
+    return [messages[j] for j in sorted(messages)]
+
+
+def _active_sets(subjects: Subjects) -> set[tuple[int, ...]]:
+    """Every set of subjects active together at some point of the schedule (windows are inclusive at both ends)."""
+    edges = sorted({p for s in subjects for p in (s.start_percent, s.end_percent)})
+    points = edges + [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    sets = {
+        tuple(j for j, s in enumerate(subjects) if s.weight > 0 and s.start_percent <= p <= s.end_percent)
+        for p in points
+    }
+    return {active for active in sets if active}
+
+
+def _draw_warnings(draw: ImageDraw.ImageDraw, warnings: list[str], font, width: int, height: int) -> None:
+    """Warnings as lines of text on a black band at the bottom of the image, at most a third of its height."""
+    if not warnings:
+        return
+    size = getattr(font, "size", 11)
+    columns = max(16, int(width / (0.6 * size)) - 2)
+    lines = [line for message in warnings for line in textwrap.wrap("! " + message, columns)]
+    line_height = size + 4
+    max_lines = max(1, (height // 3) // line_height)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + ["! ... (the full warning is in the log)"]
+    top = max(0, height - line_height * len(lines) - 4)
+    draw.rectangle((0, top, width - 1, height - 1), fill=(0, 0, 0))
+    for n, line in enumerate(lines):
+        draw.text((4, top + 2 + n * line_height), line, fill=WARNING_COLOUR, font=font)
 
 
 def _paste_thumbnail(image: Image.Image, reference: Tensor, box_px: tuple[int, int, int, int], top: int) -> None:

@@ -31,7 +31,9 @@ class Subject:
     weight: float = 1.0  # strength multiplier; 0 = off
     start_percent: float = 0.0  # fraction of the denoising schedule where the subject switches on
     end_percent: float = 1.0  # fraction where it switches off; 1 = until the end
-    priority: int = 0  # overlap order: higher wins where regions overlap; ties: the later subject wins
+    # overlap order: higher wins where regions overlap; on equal priority the smaller region wins (nested boxes),
+    # on equal priority and area the later subject (layout.overlap_order)
+    priority: int = 0
 
     def __post_init__(self) -> None:
         problems = []

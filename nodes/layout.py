@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..attention.layout import Layout, composite_by_priority, parse_boxes
+from ..attention.layout import Layout, composite_ownership, parse_boxes, region_areas
 from ..attention.preview import render_layout
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS, mask_batch
 
@@ -89,7 +89,8 @@ class PreviewLayout(io.ComfyNode):
             node_id=f"{PREFIX}PreviewLayout",
             display_name="Preview Layout",
             category=f"{CATEGORY}/layout",
-            description="Draws the layout: coloured regions (top = owner of an overlap), labels and subject thumbnails.",
+            description="Draws the layout: coloured regions (top = owner of an overlap), labels and subject thumbnails; "
+            "a red warning names any subject that would own no token where regions overlap.",
             inputs=[
                 LAYOUT.Input("layout", tooltip="The layout to draw."),
                 SUBJECTS.Input("subjects", optional=True,
@@ -119,7 +120,8 @@ class LayoutToMasks(io.ComfyNode):
                 LAYOUT.Input("layout", tooltip="The layout to turn into masks, one per region in subject order."),
                 io.Boolean.Input(
                     "exclusive", default=False,
-                    tooltip="Give each pixel to one region only, resolving overlaps by priority as the attention does.",
+                    tooltip="Give each pixel to one region only, resolving overlaps as the attention does: higher priority, "
+                    "then the smaller region, wins.",
                 ),
                 SUBJECTS.Input("subjects", optional=True,
                                tooltip="Optional subjects whose priorities decide overlaps when exclusive is on."),
@@ -133,6 +135,6 @@ class LayoutToMasks(io.ComfyNode):
             layout.check_subject_count(len(subjects))
         masks = layout.rasterize()
         if exclusive:
-            priorities = subjects.priorities if subjects is not None else None
-            masks = masks * composite_by_priority(masks > 0.5, priorities).exclusive.float()
+            priorities = subjects.priorities if subjects is not None else [0] * len(layout)
+            masks = masks * composite_ownership(masks > 0.5, priorities, region_areas(layout)).exclusive.float()
         return io.NodeOutput(masks)

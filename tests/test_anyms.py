@@ -1,6 +1,8 @@
 """AnyMS decoupled attention: equivalences with the paper's formulas, no leakage, CFG order, bad input."""
 
+import dataclasses
 import logging
+import math
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from multisubject.attention.anyms import (
     sdpa_attention,
 )
 from multisubject.attention.ip_adapter import adapter_from_state_dict
-from multisubject.attention.layout import Layout, TokenGrid, composite_by_priority, region_token_masks
+from multisubject.attention.layout import Layout, TokenGrid, composite_ownership, region_areas, region_token_masks
 
 HEADS = 2
 LATENT = (12, 16)  # non-square latent: grid /1 = 12x16 tokens
@@ -28,13 +30,14 @@ def adapter():
     return adapter_from_state_dict(adapter_state("sdxl", "global", clip_dim=24))
 
 
-def _subjects(adapter, count, seed=0, **fields):
+def _subjects(adapter, count, seed=0, priorities=None, **fields):
     gen = torch.Generator().manual_seed(seed)
     items = []
     for i in range(count):
         cond = torch.randn(4, 32, generator=gen)
         uncond = torch.randn(4, 32, generator=gen)
-        items.append(EncodedSubject(cond, uncond, label=f"s{i}", priority=i % 2, **fields))
+        priority = i % 2 if priorities is None else priorities[i]
+        items.append(EncodedSubject(cond, uncond, label=f"s{i}", priority=priority, **fields))
     return EncodedSubjects(adapter, tuple(items))
 
 
@@ -70,7 +73,7 @@ def _subject_attention(adapter, subject, q, branch):
 def _token_masks(layout, priorities):
     grid = TokenGrid.infer(*LATENT, LATENT[0] * LATENT[1])
     masks = region_token_masks(layout, grid).reshape(len(layout), -1)
-    return masks, composite_by_priority(masks, priorities).exclusive
+    return masks, composite_ownership(masks, priorities, region_areas(layout)).exclusive
 
 
 def test_crop_merge_equals_hard_priority_masks_after_full_attention(adapter):
@@ -173,6 +176,72 @@ def test_cond_and_uncond_rows_use_their_own_tokens_in_either_batch_order(adapter
     assert torch.equal(all_cond[:2], cond_first[:2]) and not torch.equal(all_cond[2:], cond_first[2:])
 
 
+# overlaps: area order by default, explicit priority wins, switched-off subjects take no part
+
+HAT_ON_DOG = [(0.25, 0.25, 0.5, 0.75), (0.0, 0.0, 0.75, 1.0)]  # the nested box listed first
+
+
+def _every_site(adapter, plan, sigma=None):
+    """The plan's output at every site of the adapter, each on its SDXL grid (64 channels: /2, 128: /4)."""
+    gen = torch.Generator().manual_seed(5)
+    outs = []
+    for site in range(len(adapter.sites)):
+        width = adapter.to_k_ip[site].shape[0]
+        downscale = 2 if width == 64 else 4
+        grid = TokenGrid.from_latent(*LATENT, downscale)
+        q = torch.randn(2, grid.num_tokens, width, generator=gen)
+        out = torch.randn(2, grid.num_tokens, width, generator=gen)
+        outs.append(plan.add_image_attention(
+            out, q, site=site, heads=HEADS, latent_hw=LATENT, cond_or_uncond=[0, 1], sigma=sigma))
+    return outs
+
+
+def test_nested_box_listed_first_keeps_its_tokens_by_default(adapter):
+    layout = Layout.from_boxes(128, 96, HAT_ON_DOG, ["hat", "dog"])
+    plan = AnyMSPlan(_subjects(adapter, 2, priorities=[0, 0]), layout, AnyMSConfig())
+    for downscale in (1, 2, 4):
+        grid = TokenGrid.from_latent(*LATENT, downscale)
+        gp = plan.grid_plan(*LATENT, grid.num_tokens, torch.device("cpu"))
+        owned = plan.owned_tokens(gp, (0, 1))
+        assert torch.equal(owned[0], torch.nonzero(gp.token_masks[0]).squeeze(1))  # all of the hat's tokens
+        assert owned[1].numel() == int(gp.token_masks[1].sum()) - owned[0].numel()
+
+
+def test_explicit_priority_beats_area_and_a_subject_left_without_tokens_is_warned_once(adapter, caplog):
+    layout = Layout.from_boxes(128, 96, HAT_ON_DOG, ["hat", "dog"])
+    plan = AnyMSPlan(_subjects(adapter, 2, priorities=[0, 1]), layout, AnyMSConfig())
+    q, k, v = _qkv()
+    with caplog.at_level(logging.WARNING, logger="multisubject"):
+        _run(plan, q, k, v)
+        _run(plan, q, k, v)
+    gp = plan.grid_plan(*LATENT, LATENT[0] * LATENT[1], torch.device("cpu"))
+    assert plan.owned_tokens(gp, (0, 1))[0].numel() == 0
+    assert caplog.text.count("'hat' owns no token of the 12x16 token grid: 'dog' cover(s) all of its region") == 1
+
+
+@pytest.mark.parametrize("switch", ["weight_zero", "not_yet_started", "already_ended"])
+def test_a_switched_off_subject_changes_nothing_at_every_site(adapter, switch):
+    # the hat listed after the dog: it owned its tokens whatever the rule, and punched a hole in the dog when off
+    dog, hat = _subjects(adapter, 2, priorities=[0, 0]).items
+    dog_then_hat = Layout.from_boxes(128, 96, HAT_ON_DOG[::-1])
+    off = {
+        "weight_zero": dict(fields={"weight": 0.0}, ranges=None, sigma=None),
+        "not_yet_started": dict(fields={}, ranges=[(math.inf, 0.0), (3.0, 0.0)], sigma=torch.tensor([7.0, 7.0])),
+        "already_ended": dict(fields={}, ranges=[(math.inf, 0.0), (math.inf, 5.0)], sigma=torch.tensor([2.0, 2.0])),
+    }[switch]
+    hat_off = dataclasses.replace(hat, **off["fields"])
+    both = AnyMSPlan(EncodedSubjects(adapter, (dog, hat_off)), dog_then_hat, AnyMSConfig(), sigma_ranges=off["ranges"])
+    left_out = AnyMSPlan(EncodedSubjects(adapter, (dog,)), Layout.from_boxes(128, 96, HAT_ON_DOG[1:]), AnyMSConfig())
+    with_hat_off = _every_site(adapter, both, sigma=off["sigma"])
+    without_hat = _every_site(adapter, left_out, sigma=off["sigma"])
+    assert len(with_hat_off) == 70
+    for site, (a, b) in enumerate(zip(with_hat_off, without_hat)):
+        assert torch.equal(a, b), f"site {site}: the switched-off subject changed the output"
+    # and the same hat, switched on, does change every site: the comparison can fail
+    on = AnyMSPlan(EncodedSubjects(adapter, (dog, hat)), dog_then_hat, AnyMSConfig())
+    assert not any(torch.equal(a, b) for a, b in zip(_every_site(adapter, on), without_hat))
+
+
 def test_layout_aspect_different_from_the_latent_names_both():
     adapter = adapter_from_state_dict(adapter_state("sdxl", "global", clip_dim=24))
     plan = AnyMSPlan(_subjects(adapter, 1), Layout.from_boxes(100, 100, [(0, 0, 1, 1)]), AnyMSConfig())
@@ -193,7 +262,7 @@ def test_box_too_small_for_the_coarsest_grid_keeps_one_token_and_warns(adapter, 
     plan = AnyMSPlan(_subjects(adapter, 1), layout, AnyMSConfig())
     with caplog.at_level(logging.WARNING, logger="multisubject"):
         grid = plan.grid_plan(12, 16, 3 * 4, torch.device("cpu"))  # /4 grid: 3x4 tokens
-    assert grid.owned[0].numel() == 1
+    assert plan.owned_tokens(grid, (0,))[0].numel() == 1
     assert "box of tiny is smaller than one token of the 3x4 grid; kept at 1x1" in caplog.text
 
 
@@ -205,7 +274,7 @@ def test_bounding_box_region_source_turns_masks_into_boxes(adapter):
     as_drawn = AnyMSPlan(_subjects(adapter, 1), layout, AnyMSConfig()).grid_plan(12, 16, 192, torch.device("cpu"))
     boxed = AnyMSPlan(_subjects(adapter, 1), layout, AnyMSConfig(region_source="bounding_box")).grid_plan(
         12, 16, 192, torch.device("cpu"))
-    assert boxed.owned[0].numel() > as_drawn.owned[0].numel()
+    assert boxed.token_masks[0].sum() > as_drawn.token_masks[0].sum()
 
 
 def test_config_rejects_unknown_mode_and_out_of_range_scale():

@@ -9,9 +9,12 @@ from multisubject.attention.layout import (
     Layout,
     Region,
     TokenGrid,
-    composite_by_priority,
+    composite_ownership,
+    describe_unowned,
     mask_token_coverage,
+    overlap_order,
     parse_boxes,
+    region_areas,
     region_token_masks,
 )
 
@@ -114,24 +117,75 @@ def test_highest_priority_owns_the_overlap():
     masks[0, :, :3] = True
     masks[1, :, 1:] = True
     masks[2, 0, 0] = True
-    own = composite_by_priority(masks, [5, 1, 0])
+    own = composite_ownership(masks, [5, 1, 0], [1.0, 1.0, 1.0])
     assert own.owner[1].tolist() == [0, 0, 0, 1]
     assert own.owner[0, 0] == 0  # subject 2 is lower than subject 0
     assert own.exclusive.sum(0).max() == 1
     assert not own.background.any()
 
 
-def test_priority_ties_go_to_the_later_subject():
-    masks = torch.ones(2, 2, 2, dtype=torch.bool)
-    assert composite_by_priority(masks, [0, 0]).owner.unique().tolist() == [1]
-    assert composite_by_priority(masks, [1, 0]).owner.unique().tolist() == [0]
+def _composite(layout, priorities, active=None):
+    masks = region_token_masks(layout, TokenGrid.from_latent(8, 8))
+    return masks, composite_ownership(masks, priorities, region_areas(layout), active)
+
+
+NESTED = [(0.25, 0.25, 0.5, 0.5), (0.0, 0.0, 1.0, 1.0)]  # a hat listed before the dog it sits on
+
+
+def test_by_default_the_smaller_nested_region_owns_the_overlap_whatever_the_order():
+    for boxes in (NESTED, NESTED[::-1]):
+        masks, own = _composite(Layout.from_boxes(64, 64, boxes), [0, 0])
+        small = 0 if boxes is NESTED else 1
+        assert torch.equal(own.exclusive[small], masks[small]) and int(masks[small].sum()) == 4
+        assert int(own.exclusive[1 - small].sum()) == 64 - 4 and own.unowned() == []
+
+
+def test_explicit_priority_beats_area():
+    masks, own = _composite(Layout.from_boxes(64, 64, NESTED), [0, 1])
+    assert own.unowned() == [0] and int(own.exclusive[1].sum()) == 64
+    messages = describe_unowned(own, masks, ["hat", "dog"], "of the 8x8 token grid")
+    assert list(messages) == [0] and "'hat' owns no token of the 8x8 token grid: 'dog' cover" in messages[0]
+
+
+def test_equal_priority_and_equal_area_go_to_the_later_subject():
+    # widths 0.4 - 0.1 and 0.6 - 0.3 differ in the last float bit: still a tie
+    boxes = [(0.1, 0.0, 0.4, 1.0), (0.3, 0.0, 0.6, 1.0)]
+    areas = region_areas(Layout.from_boxes(64, 64, boxes))
+    assert areas[0] != areas[1] and overlap_order([0, 0], areas) == [0, 1]
+    for order in (boxes, boxes[::-1]):
+        _, own = _composite(Layout.from_boxes(64, 64, order), [0, 0])
+        assert own.owner[0, 3].item() == 1  # column 3 (0.375..0.5) lies in both boxes
+    assert overlap_order([0, 0, 0], [0.5, 0.5, 0.5]) == [0, 1, 2]
+    assert overlap_order([2, 0, 1], [0.1, 0.9, 0.5]) == [1, 2, 0]
+
+
+def test_region_area_of_masks_is_their_mean_value():
+    mask = torch.zeros(10, 20)
+    mask[:5, :10] = 1.0
+    mask[5:, :] = 0.5
+    areas = region_areas(Layout.from_masks(mask[None]).extend(Layout.from_boxes(20, 10, [(0.0, 0.0, 0.5, 0.2)])))
+    assert areas == pytest.approx([0.25 + 0.25, 0.1])
+
+
+def test_inactive_subjects_take_no_part_exactly_as_if_left_out():
+    boxes = [(0.0, 0.0, 0.75, 0.75), (0.25, 0.25, 1.0, 1.0), (0.5, 0.0, 0.75, 0.5)]
+    layout = Layout.from_boxes(64, 64, boxes)
+    for active in ((0, 1), (0, 2), (1,), ()):
+        _, own = _composite(layout, [0, 1, 2], active)
+        _, alone = _composite(Layout.from_boxes(64, 64, [boxes[j] for j in active]), [[0, 1, 2][j] for j in active])
+        remap = torch.tensor([-1, *active])  # alone's owner index -> index among all subjects
+        assert torch.equal(own.owner, remap[alone.owner + 1])
+        inactive = [j for j in range(3) if j not in active]
+        assert not own.exclusive[inactive].any() and own.active == active
 
 
 def test_background_is_what_no_subject_covers():
     masks = torch.zeros(2, 3, 3, dtype=torch.bool)
     masks[0, 0, 0] = masks[1, 2, 2] = True
-    own = composite_by_priority(masks)
+    own = composite_ownership(masks, [0, 0], [0.1, 0.1])
     assert int(own.background.sum()) == 7 and own.owner[1, 1] == -1
+    with pytest.raises(ValueError, match="got 1 priorities and 2 areas for 2 subject masks"):
+        composite_ownership(masks, [0], [0.1, 0.1])
 
 
 # layouts
