@@ -12,8 +12,8 @@ from ..attention.weights import (
     module_features,
     to_state_dict,
 )
+from .families import require_flux
 from .inputs import check_inputs, model_file
-from .multicrafter import require_flux
 from .types import CATEGORY, PREFIX
 
 FOLDER = "loras"  # MultiCrafter files live next to other LoRAs (models/loras)

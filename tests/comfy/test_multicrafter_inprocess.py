@@ -7,9 +7,10 @@ import pytest
 import torch
 from fixture_nodes.fx_flux import TINY_FLUX, build_tiny_flux, build_tiny_flux_vae, tiny_flux_conditioning
 
+from multisubject.attention.binding import BindingConfig, BindingPlan, SubjectBinding
+from multisubject.attention.families import FLUX
 from multisubject.attention.layout import Layout
 from multisubject.attention.moe_lora import MoELoRA, MoELoRAConfig
-from multisubject.attention.reference_attention import ReferenceAttentionConfig, TokenLayout, reference_attention_bias
 from multisubject.attention.subjects import Subject, Subjects
 from multisubject.attention.unope import unope_ids
 from multisubject.attention.weights import LoRAConfig, LoRAPair, MoEExperts, MultiCrafterWeights
@@ -239,15 +240,13 @@ def test_layout_bias_is_exact_on_every_cpu_attention_backend(comfy, backend):
     import comfy.ldm.modules.attention as attention
 
     func = getattr(attention, f"attention_{backend}")
-    layout = TokenLayout(4, (3, 4), ((2, 2), (2, 3)))
-    allowed = torch.zeros(2, 3, 4, dtype=torch.bool)
-    allowed[0, :, :2] = True
-    allowed[1, :, 2:] = True
+    layout = FLUX.token_layout(4, (6, 8), [(4, 4), (4, 6)])
+    boxes = Layout.from_boxes(64, 48, [(0, 0, 0.5, 1), (0.5, 0, 1, 1)])
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, layout.total, 8) for _ in range(3))
     for strength in (1.0, 0.6):
-        bias = reference_attention_bias(layout, allowed, (0, 1), ReferenceAttentionConfig(strength).blocked_value(
-            torch.float32))
+        plan = BindingPlan(boxes, [SubjectBinding(1), SubjectBinding(1)], BindingConfig(strength, "both"))
+        bias = plan.for_call(layout, (6, 8), 2, 1.0, torch.float32, "cpu").bias()
         expected = ((q @ k.transpose(-1, -2)) / math.sqrt(8) + bias).softmax(-1) @ v  # (B, H, N, D)
         out = func(q, k, v, 2, mask=bias, skip_reshape=True)  # (B, N, H*D)
         assert torch.allclose(out, expected.transpose(1, 2).reshape(2, layout.total, 16), atol=1e-5)
@@ -264,7 +263,7 @@ def _references(comfy, vae, subjects, cond=None, neg=None):
 
 
 def test_apply_with_cfg_batch_two_and_three_references_masks_each_call_once(comfy, flux, vae):
-    from multisubject.nodes.multicrafter import FluxReferencePatch
+    from multisubject.nodes.binding import ReferenceBindingPatch
 
     pos, neg, refs = _references(comfy, vae, _subjects((1, 2)))
     layout = Layout.from_boxes(64, 64, [(0, 0, 0.5, 1), (0.5, 0, 1, 1)])
@@ -272,12 +271,12 @@ def test_apply_with_cfg_batch_two_and_three_references_masks_each_call_once(comf
     plain = _sample(flux, pos, neg, latent, cfg=2.0)
     masked_model = _apply(comfy, flux, refs, layout)
     patch = masked_model.model_options["transformer_options"]["optimized_attention_override"]
-    assert type(patch).__name__ == FluxReferencePatch.__name__ and "optimized_attention_override" not in flux.model_options.get(
+    assert type(patch).__name__ == ReferenceBindingPatch.__name__ and "optimized_attention_override" not in flux.model_options.get(
         "transformer_options", {})
     masked = _sample(masked_model, pos, neg, latent, cfg=2.0)
     assert masked.shape == (2, 16, 8, 8) and torch.isfinite(masked).all()
     assert not torch.allclose(masked, plain)
-    assert len(patch.cache) == 1  # cond and uncond share one layout: one bias for every call
+    assert patch.plan.cached_calls() == 1  # cond and uncond share one layout: one bias for every call
     assert torch.equal(_sample(_apply(comfy, flux, refs, layout, strength=0.0), pos, neg, latent, cfg=2.0), plain)
     assert torch.equal(_sample(_apply(comfy, flux, refs, None), pos, neg, latent, cfg=2.0), plain)
     late = _apply(comfy, flux, refs, layout, start=0.99, end=1.0)  # the 2-step schedule never reaches 99 %
@@ -285,7 +284,7 @@ def test_apply_with_cfg_batch_two_and_three_references_masks_each_call_once(comf
     # a negative without references runs as its own batch (different length); it gets no bias
     plain_negative = tiny_flux_conditioning(2, batch=1)
     mixed = _sample(masked_model, pos, plain_negative, latent, cfg=2.0)
-    assert torch.isfinite(mixed).all() and len(patch.cache) == 1
+    assert torch.isfinite(mixed).all() and patch.plan.cached_calls() == 1
 
 
 def test_apply_errors_for_wrong_subject_count_and_mismatched_references(comfy, flux, vae):
@@ -295,7 +294,8 @@ def test_apply_errors_for_wrong_subject_count_and_mismatched_references(comfy, f
         _apply(comfy, flux, refs, three)
     _, _, other_refs = _references(comfy, vae, _subjects((1, 2)))
     model = _apply(comfy, flux, other_refs, Layout.from_boxes(64, 64, [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]))
-    with pytest.raises(ValueError, match="the model got 2 reference latent"):
+    with pytest.raises(ValueError, match=r"the subjects own 3 reference image\(s\) \(\[1, 2\] per subject\) but the "
+                                         r"conditioning carries 2 reference latent\(s\) \(added by ReferenceLatent"):
         _sample(model, pos, neg, torch.zeros(1, 16, 8, 8))
     wide = Layout.from_boxes(128, 64, [(0, 0, 0.5, 1), (0.5, 0, 1, 1)])
     with pytest.raises(ValueError, match="does not match the latent"):
