@@ -33,6 +33,10 @@ class GSPOConfig:
     kl_coef: float = 0.0  # weight of MixGRPO's approximate KL 0.5·(log π − log π_old)²; 0 = off (GSPO default)
     advantage_clamp: float = 5.0  # clamp A to ±this (MixGRPO adv_clip_max); 0 = off
     aggregation: str = "sum_then_normalize"  # sum_then_normalize (Eq. 11) | normalize_then_sum (see RewardAggregation)
+    # optimizer steps per rollout batch: the batch is shuffled into this many mini-batches, one step each, every ratio
+    # taken against the rollout's log-probs (GSPO: 4). 1 = GRPO-equivalent ablation: the only gradient is taken at
+    # θ = θ_old, where every ratio is 1 and the clip never acts
+    minibatches: int = 4
 
     def __post_init__(self) -> None:
         problems = []
@@ -42,6 +46,8 @@ class GSPOConfig:
             problems.append(f"kl_coef must be >= 0 (0 turns the KL term off), got {self.kl_coef}")
         if self.advantage_clamp < 0:
             problems.append(f"advantage_clamp must be >= 0 (0 turns the clamp off), got {self.advantage_clamp}")
+        if self.minibatches < 1:
+            problems.append(f"minibatches must be >= 1 optimizer step per rollout batch, got {self.minibatches}")
         try:
             object.__setattr__(self, "aggregation", RewardAggregation(self.aggregation))
         except ValueError:
@@ -154,6 +160,9 @@ def sequence_log_ratio(log_probs: Tensor, old_log_probs: Tensor) -> Tensor:
     return (log_probs - old_log_probs.detach()).mean(1)
 
 
+MINIBATCH_STATS = ("clip_fraction", "ratio_mean", "ratio_min", "ratio_max", "grad_norm")  # logged per mini-batch
+
+
 @dataclass(frozen=True)
 class GSPOLoss:
     """The loss to minimize and what to log about it (all 0-d; only ``loss`` carries gradient)."""
@@ -166,9 +175,20 @@ class GSPOLoss:
     ratio_min: Tensor
     ratio_max: Tensor
     grad_norm: Tensor | None = None  # global gradient norm before clipping (set by the update)
+    # with several mini-batches: the statistics of each one at the parameters its step was taken at, in step order
+    minibatches: tuple[GSPOLoss, ...] = ()
 
     def stats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__ if getattr(self, name) is not None}
+        """Scalars to log: the whole batch's, then ``minibatch_<k>/<name>`` for the ratio and clip statistics and
+        the gradient norm of each mini-batch (only when there are several)."""
+        out = {name: float(getattr(self, name)) for name in self.__dataclass_fields__
+               if name != "minibatches" and getattr(self, name) is not None}
+        if len(self.minibatches) > 1:
+            for k, part in enumerate(self.minibatches, 1):
+                out |= {f"minibatch_{k}/{name}": value for name, value in part.stats().items()
+                        if name in MINIBATCH_STATS}
+        return out
+
 
 
 def gspo_objective(

@@ -1,4 +1,4 @@
-"""IPPO (MultiCrafter stage 2): one iteration = rollout -> rewards -> advantages -> one GSPO update.
+"""IPPO (MultiCrafter stage 2): one iteration = rollout -> rewards -> advantages -> GSPO update (mini-batch steps).
 
 Each step of the algorithm box is one small function below; ``ippo_iteration`` calls them in order and the
 trainer (``ippo_trainer.train_ippo``) only adds distribution, logging and checkpoints around it. The model is reached through the
@@ -193,6 +193,26 @@ def select_trajectory(trajectory: Trajectory, index: Tensor) -> Trajectory:
 GradientSync = Callable[[list[nn.Parameter]], None]
 
 
+def check_minibatches(batch: int, minibatches: int) -> None:
+    """Refuse more mini-batches than trajectories (every mini-batch needs at least one)."""
+    if not 1 <= minibatches <= batch:
+        raise ValueError(f"gspo.minibatches = {minibatches} needs 1 <= minibatches <= the {batch} trajectories of a "
+                         "rank's rollout batch (sampler.groups_per_rank × sampler.group_size); lower gspo.minibatches "
+                         "or sample more images per rank")
+
+
+def minibatch_indices(batch: int, minibatches: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    """The rollout batch's trajectory indices shuffled into ``minibatches`` near-equal parts (sizes differ by at most
+    one); with 1 the whole batch in order.
+
+    Shapes:
+        returns ``minibatches`` long tensors, together a permutation of ``range(batch)``
+    """
+    check_minibatches(batch, minibatches)
+    order = torch.arange(batch) if minibatches == 1 else torch.randperm(batch, generator=generator)
+    return list(order.tensor_split(minibatches))
+
+
 def update(
     policy: Policy,
     params: list[nn.Parameter],
@@ -204,9 +224,15 @@ def update(
     micro_batch: int,
     grad_clip: float = 0.0,
     sync_gradients: GradientSync | None = None,
+    shuffle: torch.Generator | None = None,
 ) -> GSPOLoss:
-    """One GSPO step on the rollout batch: recompute the window log-probs with gradients, backprop the clipped
-    objective in micro-batches (their sum is the full-batch loss), sync gradients across ranks, clip, step.
+    """GSPO's update: the rollout batch is shuffled (``shuffle``) into ``gspo.minibatches`` mini-batches and each
+    takes one optimizer step. Every mini-batch recomputes its window log-probs with gradients at the current
+    parameters and takes the ratio against the log-probs stored at rollout time, so from the second mini-batch on the
+    ratio moves away from 1 and the clip acts (with one mini-batch it never does: plain GRPO).
+
+    Returns the whole batch's statistics (each trajectory's log-probs at the parameters its step was taken at) with
+    each mini-batch's own in ``minibatches``.
 
     Shapes:
         adv: (B,) advantages of the rollout's trajectories
@@ -218,14 +244,45 @@ def update(
     device = trajectory.latents.device
     adv = adv.to(device)
     policy.train()
+    parts, order, new_log_probs = [], [], []
+    for index in minibatch_indices(batch, gspo.minibatches, shuffle):
+        stats, log_probs = _minibatch_step(policy, params, optimizer, rollout, adv, index.to(device), noise_level, gspo,
+                                           micro_batch, grad_clip, sync_gradients)
+        parts.append(stats)
+        order.append(index)
+        new_log_probs.append(log_probs)
+    # back to rollout order, so the whole-batch statistics line up with the stored log-probs and advantages
+    log_probs = torch.empty_like(trajectory.log_probs)
+    log_probs[torch.cat(order).to(device)] = torch.cat(new_log_probs)
+    stats = gspo_objective(log_probs, trajectory.log_probs, adv, gspo.clip_range, gspo.kl_coef)
+    grad_norm = parts[0].grad_norm if len(parts) == 1 else torch.stack([p.grad_norm for p in parts]).mean()
+    return dataclasses.replace(stats, grad_norm=grad_norm, minibatches=tuple(parts))
+
+
+def _minibatch_step(
+    policy: Policy,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    adv: Tensor,
+    index: Tensor,
+    noise_level: float,
+    gspo: GSPOConfig,
+    micro_batch: int,
+    grad_clip: float,
+    sync_gradients: GradientSync | None,
+) -> tuple[GSPOLoss, Tensor]:
+    """One optimizer step on the trajectories ``index`` (B'): backprop the clipped objective in micro-batches (their
+    sum is the mini-batch loss), sync gradients across ranks, clip, step. Returns the statistics at the parameters
+    the gradient was taken at and those log-probs (B', W)."""
     optimizer.zero_grad(set_to_none=False)
     new_log_probs = []
-    for index in torch.arange(batch, device=device).split(micro_batch):
-        part = select_trajectory(trajectory, index)
-        cond = policy.select(rollout.cond, index)
-        log_probs = window_log_probs(lambda x, s: policy.velocity(x, s, cond), part, noise_level)  # (B', W)
-        out = gspo_objective(log_probs, part.log_probs, adv[index], gspo.clip_range, gspo.kl_coef)
-        (out.loss * (len(index) / batch)).backward()
+    for micro in index.split(micro_batch):
+        part = select_trajectory(rollout.trajectory, micro)
+        cond = policy.select(rollout.cond, micro)
+        log_probs = window_log_probs(lambda x, s: policy.velocity(x, s, cond), part, noise_level)  # (B'', W)
+        out = gspo_objective(log_probs, part.log_probs, adv[micro], gspo.clip_range, gspo.kl_coef)
+        (out.loss * (len(micro) / len(index))).backward()
         new_log_probs.append(log_probs.detach())
     if sync_gradients is not None:
         sync_gradients(params)
@@ -235,9 +292,9 @@ def update(
         raise RuntimeError(f"non-finite gradient norm ({float(grad_norm)}) in the GSPO update; training stopped. Lower "
                            "optim.lr or gspo.clip_range, check the rewards for NaN, or resume from the last checkpoint")
     optimizer.step()
-    # statistics of the whole batch at the parameters the gradient was taken at
-    stats = gspo_objective(torch.cat(new_log_probs), trajectory.log_probs, adv, gspo.clip_range, gspo.kl_coef)
-    return dataclasses.replace(stats, grad_norm=grad_norm.detach().float().cpu())
+    log_probs = torch.cat(new_log_probs)
+    stats = gspo_objective(log_probs, rollout.trajectory.log_probs[index], adv[index], gspo.clip_range, gspo.kl_coef)
+    return dataclasses.replace(stats, grad_norm=grad_norm.detach().float().cpu()), log_probs
 
 
 # one iteration
@@ -278,12 +335,15 @@ def ippo_iteration(
     any_rank: Callable[[bool], bool] = bool,
     remote: GroupScorer | None = None,
 ) -> IterationResult:
-    """Rollout -> rewards -> advantages -> one GSPO update (skipped on every rank when all advantages are 0).
+    """Rollout -> rewards -> advantages -> GSPO update (``gspo.minibatches`` optimizer steps; skipped on every rank
+    when all advantages are 0). The mini-batch shuffle draws from ``generators[0]`` after the rollout, so it is a
+    function of the same seeds as the rollout and resumes identically.
 
     ``any_rank(flag)`` is True when ``flag`` is True on any rank (an all-reduce under torchrun), so every rank
     takes the same decision about the optimizer step. With a ``remote`` scorer, groups are rolled out one at a time
     and each is scored elsewhere while the next one is sampled; ``reward`` is then the time spent waiting for scores.
     """
+    check_minibatches(len(groups) * rollout_config.group_size, gspo.minibatches)  # refuse before sampling
     clock = _Clock(device)
     if remote is None:
         batch = rollout(policy, groups, rollout_config, sigmas, window, generators, device)
@@ -302,7 +362,7 @@ def ippo_iteration(
     loss = None
     if any_rank(bool(adv.abs().max() > 0)):
         loss = update(policy, params, optimizer, batch, adv, rollout_config.noise_level, gspo, micro_batch,
-                      grad_clip, sync_gradients)
+                      grad_clip, sync_gradients, shuffle=generators[0])
     clock.lap("update")
     return IterationResult(result, adv, loss, tuple(batch.trajectory.window), batch.images, clock.seconds)
 
