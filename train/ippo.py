@@ -193,24 +193,34 @@ def select_trajectory(trajectory: Trajectory, index: Tensor) -> Trajectory:
 GradientSync = Callable[[list[nn.Parameter]], None]
 
 
-def check_minibatches(batch: int, minibatches: int) -> None:
-    """Refuse more mini-batches than trajectories (every mini-batch needs at least one)."""
-    if not 1 <= minibatches <= batch:
-        raise ValueError(f"gspo.minibatches = {minibatches} needs 1 <= minibatches <= the {batch} trajectories of a "
-                         "rank's rollout batch (sampler.groups_per_rank × sampler.group_size); lower gspo.minibatches "
-                         "or sample more images per rank")
+def check_minibatches(group_size: int, minibatches: int) -> None:
+    """Refuse more mini-batches than images per prompt group (every mini-batch takes part of every group)."""
+    if not 1 <= minibatches <= group_size:
+        raise ValueError(f"gspo.minibatches = {minibatches} needs 1 <= minibatches <= sampler.group_size "
+                         f"({group_size}): each mini-batch takes a share of every prompt group; lower gspo.minibatches")
 
 
-def minibatch_indices(batch: int, minibatches: int, generator: torch.Generator | None = None) -> list[Tensor]:
-    """The rollout batch's trajectory indices shuffled into ``minibatches`` near-equal parts (sizes differ by at most
-    one); with 1 the whole batch in order.
+def minibatch_indices(num_groups: int, group_size: int, minibatches: int,
+                      generators: Sequence[torch.Generator] | None = None) -> list[Tensor]:
+    """The rollout batch's trajectory indices shuffled into ``minibatches`` parts, stratified by prompt group: group
+    g's images are permuted with ``generators[g]`` and dealt into the parts (sizes differ by at most one), so the
+    parts do not depend on how groups are split over ranks and every rank's part k has the same size. With one
+    mini-batch: the whole batch in order.
 
     Shapes:
-        returns ``minibatches`` long tensors, together a permutation of ``range(batch)``
+        returns ``minibatches`` long tensors, together a permutation of ``range(num_groups · group_size)``
     """
-    check_minibatches(batch, minibatches)
-    order = torch.arange(batch) if minibatches == 1 else torch.randperm(batch, generator=generator)
-    return list(order.tensor_split(minibatches))
+    check_minibatches(group_size, minibatches)
+    if minibatches == 1:
+        return [torch.arange(num_groups * group_size)]
+    if generators is not None and len(generators) != num_groups:
+        raise ValueError(f"expected one generator per prompt group ({num_groups}), got {len(generators)}")
+    parts: list[list[Tensor]] = [[] for _ in range(minibatches)]
+    for g in range(num_groups):
+        order = torch.randperm(group_size, generator=None if generators is None else generators[g]) + g * group_size
+        for k, chunk in enumerate(order.tensor_split(minibatches)):
+            parts[k].append(chunk)
+    return [torch.cat(chunks) for chunks in parts]
 
 
 def update(
@@ -224,10 +234,10 @@ def update(
     micro_batch: int,
     grad_clip: float = 0.0,
     sync_gradients: GradientSync | None = None,
-    shuffle: torch.Generator | None = None,
+    shuffle: Sequence[torch.Generator] | None = None,
 ) -> GSPOLoss:
-    """GSPO's update: the rollout batch is shuffled (``shuffle``) into ``gspo.minibatches`` mini-batches and each
-    takes one optimizer step. Every mini-batch recomputes its window log-probs with gradients at the current
+    """GSPO's update: the rollout batch is shuffled (``shuffle``: one generator per prompt group, see
+    ``minibatch_indices``) into ``gspo.minibatches`` mini-batches and each takes one optimizer step. Every mini-batch recomputes its window log-probs with gradients at the current
     parameters and takes the ratio against the log-probs stored at rollout time, so from the second mini-batch on the
     ratio moves away from 1 and the clip acts (with one mini-batch it never does: plain GRPO).
 
@@ -245,7 +255,7 @@ def update(
     adv = adv.to(device)
     policy.train()
     parts, order, new_log_probs = [], [], []
-    for index in minibatch_indices(batch, gspo.minibatches, shuffle):
+    for index in minibatch_indices(len(rollout.groups), batch // len(rollout.groups), gspo.minibatches, shuffle):
         stats, log_probs = _minibatch_step(policy, params, optimizer, rollout, adv, index.to(device), noise_level, gspo,
                                            micro_batch, grad_clip, sync_gradients)
         parts.append(stats)
@@ -336,14 +346,14 @@ def ippo_iteration(
     remote: GroupScorer | None = None,
 ) -> IterationResult:
     """Rollout -> rewards -> advantages -> GSPO update (``gspo.minibatches`` optimizer steps; skipped on every rank
-    when all advantages are 0). The mini-batch shuffle draws from ``generators[0]`` after the rollout, so it is a
-    function of the same seeds as the rollout and resumes identically.
+    when all advantages are 0). The mini-batch shuffle draws from each group's generator after its rollout, so it
+    is a function of the same seeds: it resumes identically and does not depend on the number of ranks.
 
     ``any_rank(flag)`` is True when ``flag`` is True on any rank (an all-reduce under torchrun), so every rank
     takes the same decision about the optimizer step. With a ``remote`` scorer, groups are rolled out one at a time
     and each is scored elsewhere while the next one is sampled; ``reward`` is then the time spent waiting for scores.
     """
-    check_minibatches(len(groups) * rollout_config.group_size, gspo.minibatches)  # refuse before sampling
+    check_minibatches(rollout_config.group_size, gspo.minibatches)  # refuse before sampling
     clock = _Clock(device)
     if remote is None:
         batch = rollout(policy, groups, rollout_config, sigmas, window, generators, device)
@@ -362,7 +372,7 @@ def ippo_iteration(
     loss = None
     if any_rank(bool(adv.abs().max() > 0)):
         loss = update(policy, params, optimizer, batch, adv, rollout_config.noise_level, gspo, micro_batch,
-                      grad_clip, sync_gradients, shuffle=generators[0])
+                      grad_clip, sync_gradients, shuffle=generators)
     clock.lap("update")
     return IterationResult(result, adv, loss, tuple(batch.trajectory.window), batch.images, clock.seconds)
 
