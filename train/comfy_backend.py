@@ -145,6 +145,7 @@ class IDARCapture:
 
     layout: TokenLayout
     use_checkpoint: bool = False
+    direction: str = "reference_to_image"  # loss.idar_direction (attention.attention_maps.DIRECTIONS)
     maps: list[Tensor] = field(default_factory=list)
 
 
@@ -197,15 +198,16 @@ class FluxBackend(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, inputs: FluxInputs, idar_blocks: list[int] | None = None,
-                capture_checkpoint: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """Predict the velocity; with ``idar_blocks`` also return those blocks' reference->image maps.
+                capture_checkpoint: bool = True, idar_direction: str = "reference_to_image") -> tuple[Tensor, list[Tensor]]:
+        """Predict the velocity; with ``idar_blocks`` also return those blocks' per-subject attention maps in
+        ``idar_direction`` (``losses.supervised_maps``).
         ``capture_checkpoint`` recomputes the maps' (B, H, rows, N) probabilities in backward instead of keeping them
         (one extra matmul + softmax per subject and block; q and k are stored anyway).
 
         Shapes:
             returns v (B, C, h, w) and a list of (B, S, L), one per supervised block
         """
-        capture = IDARCapture(token_layout(inputs), capture_checkpoint) if idar_blocks else None
+        capture = IDARCapture(token_layout(inputs), capture_checkpoint, idar_direction) if idar_blocks else None
         self.routing.clear()
         options = self._transformer_options(capture, set(idar_blocks or ()))
         batch = inputs.x_t.shape[0]
@@ -285,7 +287,8 @@ class _IDARAttention:
     def __call__(self, func, q, k, v, heads, **kwargs):
         options = kwargs.get("transformer_options") or {}
         if options.get(IDAR_BLOCK_KEY) is not None:
-            self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint))
+            self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint,
+                                                     self.capture.direction))
         return func(q, k, v, heads, **kwargs)
 
 

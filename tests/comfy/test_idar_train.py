@@ -72,6 +72,7 @@ def test_idar_map_from_the_hook_equals_the_full_attention_matrix_of_the_same_for
                         torch.randn(2, 6, 32, generator=gen), torch.randn(2, 32, generator=gen),
                         [torch.randn(2, 16, 4, 6, generator=gen), torch.randn(2, 16, 6, 4, generator=gen)])
     v, maps = backend(inputs, idar_blocks=[0, 1])
+    _, image_to_reference = backend(inputs, idar_blocks=[0, 1], idar_direction="image_to_reference")
     # record every double block's q/k with a plain attention override and build the full (N, N) matrix
     recorded = []
 
@@ -90,11 +91,14 @@ def test_idar_map_from_the_hook_equals_the_full_attention_matrix_of_the_same_for
         full = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)  # (B, H, N, N)
         expected = torch.stack([full[:, :, s:e, img0:img1].mean((1, 2)) for s, e in layout.reference_spans], 1)
         assert torch.allclose(maps[block], expected, atol=1e-6)
+        # loss.idar_direction = image_to_reference: each image row's attention mass on subject i's reference keys
+        expected = torch.stack([full[:, :, img0:img1, s:e].sum(-1).mean(1) for s, e in layout.reference_spans], 1)
+        assert torch.allclose(image_to_reference[block], expected, atol=1e-6)
 
 
 def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_changes_nothing(comfy):
-    from multisubject.attention.moe_lora import load_balancing_loss
     from multisubject.train.comfy_backend import FluxBackend, FluxInputs, load_flux
+    from multisubject.train.losses import balance_loss
 
     grads = []
     for checkpointing in (False, True):
@@ -106,7 +110,7 @@ def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_chan
                             torch.randn(1, 32, generator=gen), [torch.randn(1, 16, 4, 4, generator=gen)])
         v, maps = backend(inputs, idar_blocks=[0, 1], capture_checkpoint=checkpointing)
         assert len(backend.routing) == 2  # one (logits, experts) per MoE layer
-        balance = torch.stack([load_balancing_loss(lg, ex) for lg, ex in backend.routing]).mean()
+        balance = balance_loss(backend.routing)
         (v.square().mean() + torch.stack(maps).sum() + balance).backward()
         grads.append({n: p.grad.clone() for n, p in backend.trainable_parameters()})
         routers = [g for n, g in grads[-1].items() if n.endswith("router")]
