@@ -182,8 +182,10 @@ class FluxBackend(nn.Module):
         super().__init__()
         self.flux = diffusion_model.requires_grad_(False)  # the base stays frozen; only the adapters below train
         self.grad_checkpointing = grad_checkpointing
-        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, lora_paths(self.flux, lora), lora.rank, lora.alpha) \
-            if lora.rank > 0 else {}
+        paths = lora_paths(self.flux, lora) if lora.rank > 0 else []
+        # UNO's single-block LoRA: only the q/k/v outputs of linear1 ([q | k | v | mlp_in]), not the MLP input
+        rows = {p: 3 * self.flux.hidden_size for p in paths if lora.linear1_qkv_only and p.endswith(".linear1")}
+        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, paths, lora.rank, lora.alpha, rows)
         self.moe_config = moe_lora_config(self.flux, moe) if moe is not None and moe.enabled else None
         self.moes: dict[str, MoELoRA] = inject_moe(self.flux, self.moe_config) if self.moe_config else {}
         self.routing: list[tuple[Tensor, Tensor]] = []  # (router logits (T, E), experts (T, k)) of the last forward

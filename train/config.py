@@ -77,6 +77,9 @@ class LoRAConfig:
     targets: tuple[str, ...] = LORA_TARGETS  # which Linear layers of every block get a LoRA
     double_blocks: tuple[int, ...] = ()  # restrict to these double blocks; () = all
     single_blocks: tuple[int, ...] = ()  # restrict to these single blocks; () = all
+    # single blocks' linear1 LoRA on its q/k/v outputs only, as UNO (qkv part of linear1 + all of linear2); off: on all
+    # of linear1 (also the MLP input). Exported zero-padded to the whole linear1 (the stock LoraLoader applies it)
+    linear1_qkv_only: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 0:

@@ -393,7 +393,7 @@ def export_weights(backend, cfg: IDARConfig, path: str | Path, write: bool = Tru
     def tensor(module, attr: str) -> Tensor:
         return full[f"{prefixes[id(module)]}.{attr}"].float()
 
-    lora = {p: LoRAPair(tensor(m, "lora_A"), tensor(m, "lora_B")) for p, m in backend.loras.items()}
+    lora = {p: LoRAPair(tensor(m, "lora_A"), m.exported_B(tensor(m, "lora_B"))) for p, m in backend.loras.items()}
     lora_config = WeightsLoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha or float(cfg.lora.rank),
                                     targets=tuple(lora)) if lora else WeightsLoRAConfig(targets=())
     moe_config = backend.moe_config or MoELoRAConfig(targets=())
