@@ -107,7 +107,9 @@ def test_two_process_torchrun_equals_one_process_with_the_same_prompt_groups(pro
                            "--sampler.groups_per_rank=1"], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (load_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "two"))
-    assert_weights_close(one, two, atol=1e-5)
+    # the same mini-batches (dealt per prompt group) and steps; 4 Adam steps per iteration at lr 0.1 amplify the
+    # batch-size numerics (measured 1.7e-5; a different mini-batch split would differ by about lr = 0.1)
+    assert_weights_close(one, two, atol=1e-4)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
 
 
