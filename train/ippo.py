@@ -264,7 +264,7 @@ def update(
     # back to rollout order, so the whole-batch statistics line up with the stored log-probs and advantages
     log_probs = torch.empty_like(trajectory.log_probs)
     log_probs[torch.cat(order).to(device)] = torch.cat(new_log_probs)
-    stats = gspo_objective(log_probs, trajectory.log_probs, adv, gspo.clip_range, gspo.kl_coef)
+    stats = gspo_objective(log_probs, trajectory.log_probs, adv, gspo.clip, gspo.kl_coef)
     grad_norm = parts[0].grad_norm if len(parts) == 1 else torch.stack([p.grad_norm for p in parts]).mean()
     return dataclasses.replace(stats, grad_norm=grad_norm, minibatches=tuple(parts))
 
@@ -291,7 +291,7 @@ def _minibatch_step(
         part = select_trajectory(rollout.trajectory, micro)
         cond = policy.select(rollout.cond, micro)
         log_probs = window_log_probs(lambda x, s: policy.velocity(x, s, cond), part, noise_level)  # (B'', W)
-        out = gspo_objective(log_probs, part.log_probs, adv[micro], gspo.clip_range, gspo.kl_coef)
+        out = gspo_objective(log_probs, part.log_probs, adv[micro], gspo.clip, gspo.kl_coef)
         (out.loss * (len(micro) / len(index))).backward()
         new_log_probs.append(log_probs.detach())
     if sync_gradients is not None:
@@ -303,7 +303,7 @@ def _minibatch_step(
                            "optim.lr or gspo.clip_range, check the rewards for NaN, or resume from the last checkpoint")
     optimizer.step()
     log_probs = torch.cat(new_log_probs)
-    stats = gspo_objective(log_probs, rollout.trajectory.log_probs[index], adv[index], gspo.clip_range, gspo.kl_coef)
+    stats = gspo_objective(log_probs, rollout.trajectory.log_probs[index], adv[index], gspo.clip, gspo.kl_coef)
     return dataclasses.replace(stats, grad_norm=grad_norm.detach().float().cpu()), log_probs
 
 
