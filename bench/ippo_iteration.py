@@ -5,9 +5,10 @@ is the loop's own overhead; real reward models add their own time (logged per re
 
 The rollout runs K = 16 forwards without gradients; the update recomputes only the W = 2 window steps with
 gradients (forward + backward), so it should cost no more than the rollout it learns from. The update is timed as
-GSPO takes it (``gspo.minibatches = 4``: each group's 6 trajectories dealt 2, 2, 1, 1 into 4 shuffled mini-batches of
-4, 4, 2, 2, one optimizer step each) side by side with the one-step GRPO-equivalent ablation (``minibatches = 1``): both recompute every
-trajectory once, so the difference is the smaller matmuls, the extra optimizer steps and gradient syncs.
+GSPO takes it (``gspo.minibatches = 4``: each group's 6 trajectories dealt 2, 2, 1, 1 into 4 shuffled mini-batches
+of 4, 4, 2, 2, one optimizer step each) side by side with the one-step GRPO-equivalent ablation
+(``minibatches = 1``): both recompute every trajectory once, so the difference is the smaller matmuls, the extra
+optimizer steps and gradient syncs.
 
     python bench/ippo_iteration.py [--reps 3] [--threads 1]
 

@@ -237,9 +237,10 @@ def update(
     shuffle: Sequence[torch.Generator] | None = None,
 ) -> GSPOLoss:
     """GSPO's update: the rollout batch is shuffled (``shuffle``: one generator per prompt group, see
-    ``minibatch_indices``) into ``gspo.minibatches`` mini-batches and each takes one optimizer step. Every mini-batch recomputes its window log-probs with gradients at the current
-    parameters and takes the ratio against the log-probs stored at rollout time, so from the second mini-batch on the
-    ratio moves away from 1 and the clip acts (with one mini-batch it never does: plain GRPO).
+    ``minibatch_indices``) into ``gspo.minibatches`` mini-batches and each takes one optimizer step. Every
+    mini-batch recomputes its window log-probs with gradients at the current parameters and takes the ratio against
+    the log-probs stored at rollout time, so from the second mini-batch on the ratio moves away from 1 and the clip
+    acts (with one mini-batch it never does: plain GRPO).
 
     Returns the whole batch's statistics (each trajectory's log-probs at the parameters its step was taken at) with
     each mini-batch's own in ``minibatches``.

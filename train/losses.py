@@ -85,7 +85,8 @@ def dice_loss(pred: Tensor, mask: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - (2 * inter + eps) / (pred.sum(-1) + mask.sum(-1) + eps)
 
 
-def idar_loss(block_maps: list[Tensor], masks: Tensor, eps: float = 1.0, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def idar_loss(block_maps: list[Tensor], masks: Tensor, eps: float = 1.0,
+              keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """IDAR: mean the maps over blocks, min-max normalize, Dice against the token masks, sum over subjects,
     mean over the supervised samples. ``keep`` (B,) marks the samples IDAR supervises (e.g. t <= ``loss.idar_max_t``);
     the others leave the mean instead of counting as zeros, so skipping high t does not shrink the loss (and its
