@@ -124,7 +124,9 @@ def test_reward_rank_scoring_for_two_generators_equals_one_process_scoring_itsel
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, split = (load_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "split"))
-    assert_weights_close(one, split, atol=1e-4)  # groups are sampled one at a time there: batch-size numerics only
+    # groups are sampled one at a time there: batch-size numerics only, which 4 Adam steps per iteration at lr 0.1
+    # amplify (measured 3.3e-4 with gspo.minibatches = 4; a different mini-batch split would differ by about 0.1)
+    assert_weights_close(one, split, atol=1e-3)
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tmp_path):
