@@ -85,7 +85,8 @@ def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(c
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     for tag in ("reward/brightness", "advantage/std", "gspo/clip_fraction", "gspo/ratio_mean", "gspo/kl",
-                "time/rollout", "time/reward", "time/update", "time/reward_brightness", "window/start"):
+                "time/rollout", "time/reward", "time/update", "time/reward_brightness", "window/start",
+                "gspo/minibatch_1/ratio_max", "gspo/minibatch_4/clip_fraction", "gspo/minibatch_4/grad_norm"):
         assert tag in tags, tags
     # `train export` of the last checkpoint writes the same adapters (an IPPO config is recognised by its sections)
     again = tmp_path / "again.safetensors"
