@@ -162,7 +162,8 @@ def load_stage1_weights(backend: nn.Module, path: str | Path) -> None:
     pairs = []
     for p, w in weights.lora.items():
         if p in backend.loras:
-            pairs += [(backend.loras[p].lora_A, w.lora_A), (backend.loras[p].lora_B, w.lora_B)]
+            lora = backend.loras[p]
+            pairs += [(lora.lora_A, w.lora_A), (lora.lora_B, lora.imported_B(w.lora_B))]
     for p, e in weights.moe.items():
         if p in backend.moes:
             m = backend.moes[p]

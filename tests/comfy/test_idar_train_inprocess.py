@@ -72,6 +72,7 @@ def test_idar_map_from_the_hook_equals_the_full_attention_matrix_of_the_same_for
                         torch.randn(2, 6, 32, generator=gen), torch.randn(2, 32, generator=gen),
                         [torch.randn(2, 16, 4, 6, generator=gen), torch.randn(2, 16, 6, 4, generator=gen)])
     v, maps = backend(inputs, idar_blocks=[0, 1])
+    _, image_to_reference = backend(inputs, idar_blocks=[0, 1], idar_direction="image_to_reference")
     # record every double block's q/k with a plain attention override and build the full (N, N) matrix
     recorded = []
 
@@ -90,11 +91,14 @@ def test_idar_map_from_the_hook_equals_the_full_attention_matrix_of_the_same_for
         full = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)  # (B, H, N, N)
         expected = torch.stack([full[:, :, s:e, img0:img1].mean((1, 2)) for s, e in layout.reference_spans], 1)
         assert torch.allclose(maps[block], expected, atol=1e-6)
+        # loss.idar_direction = image_to_reference: each image row's attention mass on subject i's reference keys
+        expected = torch.stack([full[:, :, img0:img1, s:e].sum(-1).mean(1) for s, e in layout.reference_spans], 1)
+        assert torch.allclose(image_to_reference[block], expected, atol=1e-6)
 
 
 def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_changes_nothing(comfy):
-    from multisubject.attention.moe_lora import load_balancing_loss
     from multisubject.train.comfy_backend import FluxBackend, FluxInputs, load_flux
+    from multisubject.train.losses import balance_loss
 
     grads = []
     for checkpointing in (False, True):
@@ -106,7 +110,7 @@ def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_chan
                             torch.randn(1, 32, generator=gen), [torch.randn(1, 16, 4, 4, generator=gen)])
         v, maps = backend(inputs, idar_blocks=[0, 1], capture_checkpoint=checkpointing)
         assert len(backend.routing) == 2  # one (logits, experts) per MoE layer
-        balance = torch.stack([load_balancing_loss(lg, ex) for lg, ex in backend.routing]).mean()
+        balance = balance_loss(backend.routing)
         (v.square().mean() + torch.stack(maps).sum() + balance).backward()
         grads.append({n: p.grad.clone() for n, p in backend.trainable_parameters()})
         routers = [g for n, g in grads[-1].items() if n.endswith("router")]
@@ -137,6 +141,44 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
     base, patched, mine = loader_node_predictions(comfy, exported, cfg.model, cfg.run.seed, trained)
     assert not torch.allclose(patched, base, atol=1e-4)  # the file changes the model
     assert torch.allclose(patched, mine, atol=1e-5)  # ... into exactly what was trained
+
+
+def test_uno_single_block_targets_change_only_qkv_and_round_trip_through_export_and_the_loader(comfy, small, tmp_path):
+    from multisubject.train.idar import build_backend, export_weights
+    from multisubject.train.ippo_flux import load_stage1_weights
+
+    _, config = small
+    cfg = load_config(config, [*FAST, "--lora.linear1_qkv_only=true", f"--run.out_dir={tmp_path}"])
+    backend = build_backend(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in backend.loras.values():
+            module.lora_B.normal_(0, 0.1)
+    linear1 = backend.loras["single_blocks.0.linear1"]
+    hidden = backend.flux.hidden_size
+    assert linear1.lora_B.shape == (3 * hidden, 2)  # UNO: q/k/v outputs only, not the MLP input
+    x = torch.randn(5, hidden)
+    with torch.no_grad():
+        change = linear1(x) - linear1.base(x)
+    assert change[:, :3 * hidden].abs().max() > 0 and change[:, 3 * hidden:].abs().max() == 0
+    exported = export_weights(backend, cfg, tmp_path / "uno_targets.safetensors")
+    stored = load_multicrafter_weights(exported).lora["single_blocks.0.linear1"].lora_B
+    assert stored.shape == (linear1.out_features, 2) and stored[3 * hidden:].abs().max() == 0
+    # the loader node (ComfyUI's stock LoRA path for the attention LoRA) gives the backend's prediction
+    base, patched, mine = loader_node_predictions(comfy, exported, cfg.model, cfg.run.seed, backend)
+    assert not torch.allclose(patched, base, atol=1e-4) and torch.allclose(patched, mine, atol=1e-5)
+    # and IPPO's stage-1 import restores the same adapters, for a qkv-only config and for a whole-linear1 one
+    again = build_backend(cfg, torch.device("cpu"))
+    load_stage1_weights(again, exported)
+    assert torch.equal(again.loras["single_blocks.0.linear1"].lora_B, linear1.lora_B)
+    whole = build_backend(load_config(config, [*FAST]), torch.device("cpu"))
+    load_stage1_weights(whole, exported)
+    assert torch.equal(whole.loras["single_blocks.0.linear1"].lora_B, stored)
+    with torch.no_grad():
+        whole.loras["single_blocks.0.linear1"].lora_B.normal_()
+    full_file = export_weights(whole, load_config(config, [*FAST]), tmp_path / "whole.safetensors")
+    with pytest.raises(ValueError, match="set lora.linear1_qkv_only = false to load it"):
+        load_stage1_weights(again, full_file)
 
 
 def test_two_process_torchrun_ddp_and_fsdp_equal_one_process_with_the_same_global_batch(small, tmp_path):

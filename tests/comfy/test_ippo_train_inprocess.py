@@ -85,7 +85,8 @@ def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(c
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     for tag in ("reward/brightness", "advantage/std", "gspo/clip_fraction", "gspo/ratio_mean", "gspo/kl",
-                "time/rollout", "time/reward", "time/update", "time/reward_brightness", "window/start"):
+                "time/rollout", "time/reward", "time/update", "time/reward_brightness", "window/start",
+                "gspo/minibatch_1/ratio_max", "gspo/minibatch_4/clip_fraction", "gspo/minibatch_4/grad_norm"):
         assert tag in tags, tags
     # `train export` of the last checkpoint writes the same adapters (an IPPO config is recognised by its sections)
     again = tmp_path / "again.safetensors"
@@ -107,7 +108,9 @@ def test_two_process_torchrun_equals_one_process_with_the_same_prompt_groups(pro
                            "--sampler.groups_per_rank=1"], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (load_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "two"))
-    assert_weights_close(one, two, atol=1e-5)
+    # the same mini-batches (dealt per prompt group) and steps; 4 Adam steps per iteration at lr 0.1 amplify the
+    # batch-size numerics (measured 1.7e-5; a different mini-batch split would differ by about lr = 0.1)
+    assert_weights_close(one, two, atol=1e-4)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # it did train
 
 
@@ -122,7 +125,9 @@ def test_reward_rank_scoring_for_two_generators_equals_one_process_scoring_itsel
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, split = (load_weights(tmp_path / d / "multicrafter_ippo.safetensors") for d in ("one", "split"))
-    assert_weights_close(one, split, atol=1e-4)  # groups are sampled one at a time there: batch-size numerics only
+    # groups are sampled one at a time there: batch-size numerics only, which 4 Adam steps per iteration at lr 0.1
+    # amplify (measured 3.3e-4 with gspo.minibatches = 4; a different mini-batch split would differ by about 0.1)
+    assert_weights_close(one, split, atol=1e-3)
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(prompts, tmp_path):

@@ -159,3 +159,19 @@ def test_gspo_config_validates_its_fields():
     assert GSPOConfig(aggregation="normalize_then_sum").aggregation is RewardAggregation.NORMALIZE_THEN_SUM
     with pytest.raises(ValueError, match="clip_range.*aggregation"):
         GSPOConfig(clip_range=0.0, aggregation="mean")
+
+
+def test_asymmetric_clip_range_bounds_each_side_separately():
+    # GSPO's ε_low / ε_high: a ratio 1 + 1.5ε with A > 0 is clipped by [1 − ε, 1 + ε] but not by [1 − ε, 1 + 2ε]
+    eps, old = 1e-2, torch.zeros(1, 2)
+    config = GSPOConfig(clip_range=eps, clip_range_high=2 * eps)
+    assert config.clip == (eps, 2 * eps) and GSPOConfig(clip_range=eps).clip == (eps, eps)
+    for log_s, adv, bounds, clipped in ((1 + 1.5 * eps, 1.0, eps, True), (1 + 1.5 * eps, 1.0, config.clip, False),
+                                        (1 - 1.5 * eps, -1.0, config.clip, True)):
+        new = torch.full((1, 2), float(torch.log(torch.tensor(log_s))), requires_grad=True)
+        out = gspo_objective(new, old, torch.tensor([adv]), bounds)
+        out.loss.backward()
+        assert float(out.clip_fraction) == float(clipped)
+        assert (new.grad.abs().sum() == 0) == clipped
+    with pytest.raises(ValueError, match="clip_range_high must be >= 0"):
+        GSPOConfig(clip_range_high=-1.0)

@@ -1,9 +1,20 @@
-"""IDAR losses: Dice, the efficient reference->image map vs the full attention matrix, flow loss, timesteps."""
+"""IDAR losses: Dice, the efficient attention maps vs the full attention matrix, flow loss, timesteps, MoE balance."""
 
+import pytest
 import torch
 
+from multisubject.attention.moe_lora import load_balancing_loss
 from multisubject.attention.reference_attention import TokenLayout
-from multisubject.train.losses import dice_loss, flow_loss, idar_loss, noised, sample_timesteps, supervised_maps
+from multisubject.train.config import LossConfig
+from multisubject.train.losses import (
+    balance_loss,
+    dice_loss,
+    flow_loss,
+    idar_loss,
+    noised,
+    sample_timesteps,
+    supervised_maps,
+)
 
 
 def test_dice_is_zero_on_the_mask_and_its_gradient_points_to_the_mask():
@@ -55,3 +66,46 @@ def test_flow_target_and_shifted_timesteps():
     plain = sample_timesteps(4096, 1024, torch.Generator().manual_seed(0), shift=False)
     shifted = sample_timesteps(4096, 1024, gen)
     assert ((shifted > 0) & (shifted < 1)).all() and shifted.mean() > plain.mean()  # the shift favours noisier t
+
+
+def test_image_to_reference_direction_equals_the_full_matrix_and_differs_from_the_default():
+    torch.manual_seed(1)
+    layout = TokenLayout.from_latents(5, (6, 8), [(4, 4), (2, 6)])
+    q = torch.randn(2, 3, layout.total, 8)
+    k = torch.randn(2, 3, layout.total, 8)
+    maps = supervised_maps(q, k, layout, direction="image_to_reference")
+    full = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    img0, img1 = layout.image_span
+    expected = torch.stack([full[:, :, img0:img1, s:e].sum(-1).mean(1) for s, e in layout.reference_spans], 1)
+    assert maps.shape == (2, 2, 12) and torch.allclose(maps, expected, atol=1e-6)
+    assert not torch.allclose(maps, supervised_maps(q, k, layout), atol=1e-3)
+    with pytest.raises(ValueError, match="loss.idar_direction must be one of"):
+        supervised_maps(q, k, layout, direction="both")
+    with pytest.raises(ValueError, match="loss.idar_direction must be one of"):
+        LossConfig(idar_direction="image")
+
+
+def test_samples_beyond_idar_max_t_leave_the_dice_mean():
+    torch.manual_seed(2)
+    maps, masks = torch.rand(4, 2, 16), (torch.rand(4, 2, 16) > 0.5).float()
+    kept, _ = idar_loss([maps[:2]], masks[:2])
+    loss, dice = idar_loss([maps], masks, keep=torch.tensor([True, True, False, False]))
+    torch.testing.assert_close(loss, kept)  # not half of it, as when the skipped samples counted as zeros
+    assert dice.shape == (4, 2)
+    maps.requires_grad_(True)
+    none, _ = idar_loss([maps], masks, keep=torch.zeros(4))
+    none.backward()
+    assert float(none) == 0.0 and float(maps.grad.abs().max()) == 0.0
+
+
+def test_balance_loss_is_summed_over_the_moe_layers_as_switch_does():
+    balanced = (torch.zeros(8, 4), torch.arange(8).remainder(4)[:, None])  # uniform router, even load: 1 per layer
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0]]).repeat(8, 1).requires_grad_(True)
+    collapsed = (logits, torch.zeros(8, 1, dtype=torch.long))
+    assert float(balance_loss([balanced, balanced, balanced])) == pytest.approx(3.0)
+    total = balance_loss([balanced, collapsed])
+    torch.testing.assert_close(total, 1.0 + load_balancing_loss(*collapsed))
+    # each layer gets the full gradient of its own Switch loss (α per layer), not 1 / (number of layers) of it
+    (grad_sum,) = torch.autograd.grad(total, logits)
+    (grad_own,) = torch.autograd.grad(load_balancing_loss(*collapsed), logits)
+    torch.testing.assert_close(grad_sum, grad_own)
