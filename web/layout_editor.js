@@ -257,7 +257,8 @@ class BoxEditor {
     } else if (moves[e.key]) {
       const [dx, dy] = moves[e.key];
       const [width, height] = this.size;
-      const moved = clampBox({ ...box, x0: box.x0 + dx, x1: box.x1 + dx, y0: box.y0 + dy, y1: box.y1 + dy }, width, height, 1);
+      const [x0, y0] = [snap(box.x0 + dx, step), snap(box.y0 + dy, step)]; // back on the grid, no drift from rounding
+      const moved = clampBox({ ...box, x0, y0, x1: x0 + box.x1 - box.x0, y1: y0 + box.y1 - box.y0 }, width, height, 1);
       this.write(parsed.boxes.map((b, i) => (i === this.selected ? moved : b)), parsed.comments);
     } else if (e.key === "Escape") {
       this.selected = -1;
