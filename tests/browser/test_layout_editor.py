@@ -44,9 +44,15 @@ window.msTest = {
     const ed = msTest.ed(), r = ed.canvas.getBoundingClientRect(), zoom = r.width / ed.canvas.clientWidth, v = ed.view();
     return [r.left + (v.x + x * v.scale) * zoom, r.top + (v.y + y * v.scale) * zoom];
   },
+  nodeRect: () => {  // the node on screen, title bar included
+    const app = msTest.app(), node = msTest.node(), ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+    return {x: r.left + (node.pos[0] + ds.offset[0]) * ds.scale - 6, y: r.top + (node.pos[1] - title + ds.offset[1]) * ds.scale - 6,
+            width: node.size[0] * ds.scale + 12, height: (node.size[1] + title) * ds.scale + 12};
+  },
   show: () => {  // the node big, at the top-left of the screen, zoom 1
     const app = msTest.app(), node = msTest.node();
-    node.size = [560, 700];
+    node.size = [520, 700];
     app.canvas.ds.scale = 1;
     app.canvas.ds.offset = [-node.pos[0] + 120, -node.pos[1] + 80];
     app.canvas.setDirty(true, true);
@@ -241,10 +247,12 @@ def test_save_reload_copy_paste_then_the_workflow_runs_with_thumbnails(page, ser
     page.wait_for_timeout(300)
     SCREENSHOT.parent.mkdir(exist_ok=True)
     if os.environ.get("MULTISUBJECT_UPDATE_SCREENSHOT"):  # the README picture; set to refresh it
-        page.locator("canvas.multisubject-layout-editor").screenshot(path=str(SCREENSHOT))
-    # the red thumbnail of subject 1 sits in box 1 under its label
+        page.evaluate("msTest.app().canvas.deselectAll?.()")
+        page.screenshot(path=str(SCREENSHOT), clip=page.evaluate("msTest.nodeRect()"))
+    # the red thumbnail of subject 1 sits in box 1 under its label (drawn 4, 22 CSS pixels in from the corner)
     pixels, where = editor_pixels(page)
-    row, col = where(120 + 10, 64 + 30)
+    row, col = where(120, 64)
+    row, col = row + 22 + 10, col + 4 + 10
     assert np.abs(pixels[row, col] - np.array([0xD0, 0x40, 0x40]) / 255).max() < 0.05
 
     # a background wired in shows behind the boxes after the next run (subject 1's image, fitted, not stretched)
