@@ -95,7 +95,7 @@ class ComfyServer:
             link = custom_nodes / name
             if not link.exists():
                 link.symlink_to(path, target_is_directory=True)
-        if models_dir is not None and not (base_dir / "models").exists():
+        if models_dir is not None and models_dir.is_dir() and not (base_dir / "models").exists():
             (base_dir / "models").symlink_to(models_dir, target_is_directory=True)  # the user's real model files
         self.command = [
             python, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
