@@ -115,7 +115,8 @@ def validate_api(api: dict, object_info: dict) -> list[str]:
 STAGES = ("Models", "Subjects", "Layout", "Generate")
 STAGE_COLOURS = {"Models": "#3f789e", "Subjects": "#8A8", "Layout": "#b58b2a", "Generate": "#a1309b"}
 SUBJECT_TYPES = {"EmptyImage", "LoadImage", "MS_Subject", "ImageScale", "LoadImageMask", "SolidMask"}
-NODE_WIDTH, WIDE_NODES = 340, {"MS_LayoutFromBoxes": 480}
+# the frontend widens a node to fit its widgets; the browser tier checks no shipped node renders bigger than this
+NODE_WIDTH, WIDE_NODES = 340, {"MS_LayoutFromBoxes": 480, "MS_MultiCrafterAttentionMaps": 420}
 EDITOR_HEIGHT = 380  # room for the canvas box editor (web/layout_editor.js) under Layout from Boxes' widgets
 COLUMN_GAP, ROW_GAP, STAGE_GAP = 60, 50, 80  # between columns, stacked nodes (title bar included), stage groups
 GROUP_PAD, GROUP_HEADER, TITLE_HEIGHT = 20, 40, 30

@@ -266,6 +266,19 @@ def test_save_reload_copy_paste_then_the_workflow_runs_with_thumbnails(page, ser
     assert finished_runs(server, 2) == ["success", "success"]
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (PACK_DIR / "workflows").glob("*.json")))
+def test_shipped_workflows_render_at_their_saved_sizes(browser_page, name):
+    """The frontend grows a node that is too small for its widgets, which could break the stage layout's geometry."""
+    page, _ = browser_page
+    workflow = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
+    page.evaluate("wf => msTest.app().loadGraphData(wf, true, true, null, {showMissingModelsDialog: false})", workflow)
+    page.wait_for_timeout(500)
+    rendered = dict(page.evaluate("msTest.app().graph.nodes.map((n) => [n.id, [n.size[0], n.size[1]]])"))
+    saved = {n["id"]: n["size"] for n in workflow["nodes"]}
+    grown = {i: (saved[i], size) for i, size in rendered.items() if size[0] > saved[i][0] + 1 or size[1] > saved[i][1] + 1}
+    assert grown == {}
+
+
 def test_no_errors_in_the_browser_console(browser_page):
     _, errors = browser_page
     assert errors == []
