@@ -149,9 +149,8 @@ def note_text(name: str) -> str:
     return path.read_text().strip() if path.is_file() else DEFAULT_NOTE
 
 
-def _node_height(inputs: list, outputs: list, widgets: list, kind: str) -> int:
+def _node_height(inputs: list, outputs: list, widgets: list, kind: str, multiline: bool) -> int:
     sockets = max(len([i for i in inputs if "widget" not in i]), len(outputs))
-    multiline = any(isinstance(w, str) and "\n" in w for w in widgets)
     height = 20 + 22 * sockets + 26 * len(widgets) + (120 if multiline else 0)
     return height + (EDITOR_HEIGHT if kind == "MS_LayoutFromBoxes" else 0)
 
@@ -172,7 +171,7 @@ def ui_from_api(api: dict, object_info: dict, note: str = DEFAULT_NOTE) -> dict:
     for order, node_id in enumerate(sorted(ids, key=lambda i: (stage[i], node_column(i), int(i)))):
         node = api[node_id]
         info = object_info[node["class_type"]]
-        inputs, widgets = [], []
+        inputs, widgets, multiline = [], [], False
         for name, spec, _ in _inputs(info):
             value = node["inputs"].get(name)
             if isinstance(value, list):
@@ -184,13 +183,15 @@ def ui_from_api(api: dict, object_info: dict, note: str = DEFAULT_NOTE) -> dict:
                 inputs.append(entry)
             elif _is_widget(spec):
                 widgets += _widget_values(name, spec, value if value is not None else spec[1].get("default"))
+                multiline |= len(spec) > 1 and isinstance(spec[1], dict) and bool(spec[1].get("multiline"))
             else:
                 inputs.append({"name": name, "type": _type_name(spec), "link": None})
         outs = [
             {"name": out_name, "type": out_type, "links": [], "slot_index": slot}
             for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))
         ]
-        size = [WIDE_NODES.get(node["class_type"], NODE_WIDTH), _node_height(inputs, outs, widgets, node["class_type"])]
+        height = _node_height(inputs, outs, widgets, node["class_type"], multiline)
+        size = [WIDE_NODES.get(node["class_type"], NODE_WIDTH), height]
         entry = {
             "id": int(node_id), "type": node["class_type"], "pos": [0, 0], "size": size, "flags": {},
             "order": order, "mode": 0, "inputs": inputs, "outputs": outs,

@@ -29,6 +29,7 @@ class BoxEditor {
     this.drag = null;
     this.pictures = { background: null, thumbnails: [] };
     this.drawn = "";
+    this.units = this.w("units")?.value;
     this.canvas = document.createElement("canvas");
     this.canvas.tabIndex = 0;
     this.canvas.className = "multisubject-layout-editor";
@@ -55,12 +56,10 @@ class BoxEditor {
     const widget = this.w(name);
     if (!widget) return;
     const callback = widget.callback;
-    let previous = widget.value;
     widget.callback = (value, ...rest) => {
       const result = callback?.call(widget, value, ...rest);
-      if (name === "units" && previous !== value) this.convertUnits(previous, value);
-      if ((name === "width" || name === "height") && previous !== value) this.clampAll();
-      previous = value;
+      if (name === "units" && this.units !== value) this.convertUnits(this.units, value);
+      if (name === "width" || name === "height") this.clampAll();
       this.redraw();
       return result;
     };
@@ -305,6 +304,7 @@ class BoxEditor {
     const ch = canvas.clientHeight;
     if (!cw || !ch) return;
     this.drawn = ["boxes", "units", "width", "height"].map((n) => this.w(n)?.value).join("|");
+    this.units = this.w("units")?.value; // what the text is written in, for the next change of units
     canvas.width = Math.round(cw * ratio);
     canvas.height = Math.round(ch * ratio);
     const ctx = canvas.getContext("2d");
@@ -400,6 +400,13 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message, ...args) {
       const result = onExecuted?.call(this, message, ...args);
       this.boxEditor?.showPictures(message?.[UI_KEY]?.[0]);
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (...args) {
+      const result = onConfigure?.apply(this, args);
+      if (this.boxEditor) this.boxEditor.units = this.boxEditor.w("units")?.value; // loaded values skip callbacks
+      this.boxEditor?.redraw();
       return result;
     };
     const onDrawForeground = nodeType.prototype.onDrawForeground;

@@ -223,6 +223,19 @@ def test_typing_in_the_text_widget_redraws_and_labels_are_kept(page):
     assert boxes_px(page) == [((384.0, 208.0, 576.0, 464.0), "fox"), ((0.0, 0.0, 192.0, 256.0), "bird")]
 
 
+def test_units_convert_and_a_smaller_canvas_clamps_the_boxes_into_it(page):
+    def set_widget(name, value):  # as the widget's own arrows/menus do: new value, then its callback
+        page.evaluate("([name, value]) => { const w = msTest.node().widgets.find((w) => w.name === name);"
+                      " w.value = value; w.callback?.(value); }", [name, value])
+
+    set_widget("units", "pixels")
+    text = page.evaluate("msTest.node().widgets[0].value")
+    assert text == "38, 102, 422, 486\n346, 26, 730, 307"  # the same boxes, now in pixels
+    set_widget("width", 512)
+    boxes = parse_boxes(page.evaluate("msTest.node().widgets[0].value"), units="pixels", width=512, height=512)
+    assert [tuple(round(v * 512) for v in b) for b, _ in boxes] == [(38, 102, 422, 486), (128, 26, 512, 307)]
+
+
 def test_save_reload_copy_paste_then_the_workflow_runs_with_thumbnails(page, server):
     drag(page, (200, 300), (283, 262))
     saved = page.evaluate("JSON.stringify(msTest.app().graph.serialize())")
