@@ -210,21 +210,33 @@ def check_region_count(count: int) -> None:
         )
 
 
-# parsing boxes typed by users
+# parsing boxes typed by users or wired in from other packs
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
+PER_MILLE = 1000.0  # Ideogram-style "elements" put boxes on a 0..1000 grid
+
+BOX_FORMATS = (
+    "one box per line 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1' (units as set)",
+    "JSON [[x0, y0, x1, y1], ...] or [{\"box\": [x0, y0, x1, y1], \"label\": \"...\"}, ...] (units as set)",
+    "JSON [{\"x\": .., \"y\": .., \"width\": .., \"height\": ..}, ...] in pixels (core Create Bounding Boxes, "
+    "BOUNDING_BOX lists; a one-frame list of such lists too)",
+    "JSON [{\"bbox\": [ymin, xmin, ymax, xmax], \"desc\": \"...\"}, ...] on a 0..1000 grid (Ideogram-style elements)",
+)
 
 
 def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height: int = 1) -> list[tuple[Box, str]]:
-    """Parse boxes typed in a text widget into normalised boxes with optional labels.
+    """Parse boxes typed in a text widget (or wired in as JSON text) into normalised boxes with optional labels.
 
-    Accepted forms, one box per line (blank lines and lines starting with ``#`` are skipped)::
+    Accepted forms (``BOX_FORMATS``), one box per line (blank lines and lines starting with ``#`` are skipped)::
 
         0.05, 0.20, 0.50, 0.95
         corgi: 0.50, 0.10, 0.95, 0.90
 
-    or a JSON list: ``[[x0, y0, x1, y1], ...]`` or ``[{"box": [x0, y0, x1, y1], "label": "corgi"}, ...]``.
-    ``units="pixels"`` reads the numbers as pixels of a ``width x height`` canvas.
+    or a JSON list: ``[[x0, y0, x1, y1], ...]`` or ``[{"box": [x0, y0, x1, y1], "label": "corgi"}, ...]``, read in
+    ``units``; ``[{"x", "y", "width", "height"}, ...]`` in pixels of the canvas (what core ``CreateBoundingBoxes``
+    and other packs' BOUNDING_BOX lists hold, label from ``label``/``text``/``desc`` or their ``metadata``); or
+    Ideogram-style ``[{"bbox": [ymin, xmin, ymax, xmax], "desc": "corgi"}, ...]`` on a 0..1000 grid.
+    ``units="pixels"`` reads the first forms' numbers as pixels of a ``width x height`` canvas.
     """
     if units not in ("normalized", "pixels"):
         raise ValueError(f"units must be 'normalized' or 'pixels', got {units!r}")
@@ -243,18 +255,23 @@ def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height:
     if not raw:
         raise ValueError("no boxes given: every line is blank or a comment")
     check_region_count(len(raw))
-    scale = (width, height, width, height) if units == "pixels" else (1, 1, 1, 1)
     result = []
-    for where, numbers, label in raw:
-        if units == "pixels":
+    for where, numbers, label, box_units in raw:
+        box_units = box_units or units
+        if box_units == "pixels":
             _check_pixel_box(numbers, width, height, where)
+        scale = {"pixels": (width, height, width, height), "per_mille": (PER_MILLE,) * 4}.get(box_units, (1,) * 4)
         box = tuple(n / s for n, s in zip(numbers, scale))
         _check_box(box, where=where)  # type: ignore[arg-type]
         result.append((box, label))
     return result  # type: ignore[return-value]
 
 
-def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str]]:
+def _formats_hint() -> str:
+    return "Layout from Boxes reads: " + "; ".join(BOX_FORMATS)
+
+
+def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str, str | None]]:
     raw = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -272,45 +289,73 @@ def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str]]:
             raise ValueError(
                 f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(tokens)}. Write one box per line"
             )
-        raw.append((where, [float(t) for t in tokens], label.strip()))
+        raw.append((where, [float(t) for t in tokens], label.strip(), None))
     return raw
 
 
-def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str]]:
+def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str, str | None]]:
+    """(where, numbers as x0, y0, x1, y1, label, units or None for the widget's units) per JSON box."""
     _check_json_depth(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(
-            f"boxes look like JSON but do not parse: {e.msg} at line {e.lineno} column {e.colno}. Expected "
-            'a list like [[0.1, 0.2, 0.5, 0.9], ...] or [{"box": [...], "label": "corgi"}, ...]'
+            f"boxes look like JSON but do not parse: {e.msg} at line {e.lineno} column {e.colno}. "
+            + _formats_hint()
         ) from None
     except ValueError as e:  # e.g. an integer longer than Python's digit limit
         raise ValueError(f"JSON boxes hold a value that cannot be read: {quote(e)}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise ValueError(f"JSON boxes must be a list of boxes, got {type(data).__name__}")
-    raw = []
-    for i, item in enumerate(data):
-        where = f"JSON box {i}"
-        label = ""
-        if isinstance(item, dict):
-            if "box" not in item:
-                raise ValueError(f"{where}: an object needs a 'box' key, got keys {quote(sorted(item))}")
-            label = str(item.get("label", ""))
+        raise ValueError(f"JSON boxes must be a list of boxes, got {type(data).__name__}. " + _formats_hint())
+    if len(data) == 1 and isinstance(data[0], list) and data[0] and all(
+        isinstance(item, dict) for item in data[0]
+    ):
+        data = data[0]  # a BOUNDING_BOX frame list holding one frame
+    return [_json_box(item, f"JSON box {i}") for i, item in enumerate(data)]
+
+
+def _json_box(item, where: str) -> tuple[str, list[float], str, str | None]:
+    label = ""
+    if isinstance(item, dict):
+        label = _json_label(item)
+        if "box" in item:
             item = item["box"]
-        if not isinstance(item, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in item):
-            raise ValueError(f"{where}: expected a list of 4 numbers [x0, y0, x1, y1], got {quote(repr(item))}")
-        if len(item) != 4:
-            raise ValueError(f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(item)}")
-        try:
-            numbers = [float(n) for n in item]
-        except OverflowError:
-            raise ValueError(f"{where}: a number is too large: {quote(repr(item))}; coordinates are fractions "
-                             "0..1 or pixels of the canvas") from None
-        raw.append((where, numbers, label))
-    return raw
+        elif all(k in item for k in ("x", "y", "width", "height")):
+            numbers = _json_numbers([item["x"], item["y"], item["width"], item["height"]], where, "x, y, width, height")
+            x, y, w, h = numbers
+            return where, [x, y, x + w, y + h], label, "pixels"
+        elif "bbox" in item:
+            ymin, xmin, ymax, xmax = _json_numbers(item["bbox"], where, "ymin, xmin, ymax, xmax")
+            return where, [xmin, ymin, xmax, ymax], label, "per_mille"
+        else:
+            raise ValueError(
+                f"{where}: an object needs 'box', 'x'/'y'/'width'/'height' or 'bbox' keys, got keys {quote(sorted(item))}. "
+                + _formats_hint()
+            )
+    return where, _json_numbers(item, where, "x0, y0, x1, y1"), label, None
+
+
+def _json_label(item: dict) -> str:
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    for source in (item, metadata):
+        for key in ("label", "text", "desc"):
+            if isinstance(source.get(key), str) and source[key]:
+                return source[key]
+    return ""
+
+
+def _json_numbers(value, where: str, names: str) -> list[float]:
+    if not isinstance(value, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in value):
+        raise ValueError(f"{where}: expected a list of 4 numbers [{names}], got {quote(repr(value))}. " + _formats_hint())
+    if len(value) != 4:
+        raise ValueError(f"{where}: expected 4 numbers {names}, got {len(value)}")
+    try:
+        return [float(n) for n in value]
+    except OverflowError:
+        raise ValueError(f"{where}: a number is too large: {quote(repr(value))}; coordinates are fractions "
+                         "0..1 or pixels of the canvas") from None
 
 
 def _check_json_depth(text: str) -> None:

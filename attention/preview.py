@@ -11,9 +11,11 @@ time, so memory stays bounded (about 100 MB) whatever the canvas size and region
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,16 +37,10 @@ from .subjects import Subjects
 
 log = logging.getLogger("multisubject")
 
-# colour-blind-friendly palette (Okabe-Ito), cycled for more than 8 subjects
-PALETTE = (
-    (0.902, 0.624, 0.000),
-    (0.337, 0.706, 0.914),
-    (0.000, 0.620, 0.451),
-    (0.941, 0.894, 0.259),
-    (0.000, 0.447, 0.698),
-    (0.835, 0.369, 0.000),
-    (0.800, 0.475, 0.655),
-    (0.600, 0.600, 0.600),
+# subject colours, shared with the canvas editor in the browser: web/palette.json is their one source
+PALETTE_FILE = Path(__file__).resolve().parent.parent / "web" / "palette.json"
+PALETTE = tuple(
+    tuple(int(code[i : i + 2], 16) / 255 for i in (1, 3, 5)) for code in json.loads(PALETTE_FILE.read_text())["subjects"]
 )
 FILL_ALPHA = 0.45  # region tint over the background
 EMPTY_BACKGROUND = 0.12  # grey level when no background image is given

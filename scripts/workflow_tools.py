@@ -13,9 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from multisubject.headless import MODEL_FILE_INPUTS
+
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN_WIDTH, ROW_GAP = 400, 40
+NOTE_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes: in the UI file, never in the API prompt
 
 
 def api_workflows() -> dict[str, dict]:
@@ -24,19 +26,6 @@ def api_workflows() -> dict[str, dict]:
 
 def ui_workflows() -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(WORKFLOWS.glob("*.json"))}
-
-
-# loader inputs that name model files: node type -> {input: ComfyUI model folder}
-MODEL_FILE_INPUTS = {
-    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
-    "CLIPVisionLoader": {"clip_name": "clip_vision"},
-    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
-    "MS_LoadMoELoRA": {"lora_name": "loras"},
-    "MS_LoadIPAdapter": {"adapter_name": "ipadapter"},
-    "LoraLoader": {"lora_name": "loras"},
-    "UNETLoader": {"unet_name": "diffusion_models"},
-    "VAELoader": {"vae_name": "vae"},
-}
 
 
 def seed_model_placeholders(base_dir: Path) -> list[Path]:
@@ -121,25 +110,68 @@ def validate_api(api: dict, object_info: dict) -> list[str]:
     return problems
 
 
-def ui_from_api(api: dict, object_info: dict) -> dict:
-    """Build a UI-format workflow (litegraph JSON) with a left-to-right layout from an API workflow."""
-    depth: dict[str, int] = {}
+# Stage layout: the UI file reads left to right like a guide. Each node belongs to a stage (its `_meta.stage` in
+# the API file, else guessed from its type); a stage is a titled group, its nodes in columns by link depth.
+STAGES = ("Models", "Subjects", "Layout", "Generate")
+STAGE_COLOURS = {"Models": "#3f789e", "Subjects": "#8A8", "Layout": "#b58b2a", "Generate": "#a1309b"}
+SUBJECT_TYPES = {"EmptyImage", "LoadImage", "MS_Subject", "ImageScale", "LoadImageMask", "SolidMask"}
+# the frontend widens a node to fit its widgets; the browser tier checks no shipped node renders bigger than this
+NODE_WIDTH, WIDE_NODES = 340, {"MS_LayoutFromBoxes": 480, "MS_MultiCrafterAttentionMaps": 420}
+EDITOR_HEIGHT = 380  # room for the canvas box editor (web/layout_editor.js) under Layout from Boxes' widgets
+COLUMN_GAP, ROW_GAP, STAGE_GAP = 60, 50, 80  # between columns, stacked nodes (title bar included), stage groups
+GROUP_PAD, GROUP_HEADER, TITLE_HEIGHT = 20, 40, 30
+DEFAULT_NOTE = ("Swap the coloured EmptyImage nodes for Load Image with your subjects, set each subject's label, "
+                "then draw one box per subject on Layout from Boxes (drag to move, drag on empty space to add).")
 
-    def node_depth(node_id: str) -> int:
-        if node_id not in depth:
-            links = [v for v in api[node_id]["inputs"].values() if isinstance(v, list)]
-            depth[node_id] = 1 + max((node_depth(str(v[0])) for v in links), default=-1)
-        return depth[node_id]
+
+def node_stage(api: dict, node_id: str) -> int:
+    """Index into STAGES; never before the stage of a node feeding it, so no link runs backwards."""
+    node = api[node_id]
+    kind = node["class_type"]
+    named = node.get("_meta", {}).get("stage")
+    if named is not None:
+        own = STAGES.index(named)
+    elif kind in MODEL_FILE_INPUTS or kind.endswith("Loader") or kind.startswith("MS_Load"):
+        own = 0
+    elif kind in SUBJECT_TYPES:
+        own = 1
+    elif kind.startswith("MS_Layout") or kind == "MS_PreviewLayout":
+        own = 2
+    else:
+        own = 3
+    sources = [str(v[0]) for v in node["inputs"].values() if isinstance(v, list)]
+    return max([own] + [node_stage(api, src) for src in sources])
+
+
+def note_text(name: str) -> str:
+    """The workflow's note: ``workflows/api/<name>.note.txt`` if present (say what to swap in)."""
+    path = WORKFLOWS / "api" / f"{name}.note.txt"
+    return path.read_text().strip() if path.is_file() else DEFAULT_NOTE
+
+
+def _node_height(inputs: list, outputs: list, widgets: list, kind: str, multiline: bool) -> int:
+    sockets = max(len([i for i in inputs if "widget" not in i]), len(outputs))
+    height = 20 + 22 * sockets + 26 * len(widgets) + (120 if multiline else 0)
+    return height + (EDITOR_HEIGHT if kind == "MS_LayoutFromBoxes" else 0)
+
+
+def ui_from_api(api: dict, object_info: dict, note: str = DEFAULT_NOTE) -> dict:
+    """Build a UI-format workflow (litegraph JSON) laid out in stage groups, left to right, plus one note."""
+    stage = {node_id: node_stage(api, node_id) for node_id in api}
+    column: dict[str, int] = {}
+
+    def node_column(node_id: str) -> int:  # link depth inside its stage
+        if node_id not in column:
+            sources = [str(v[0]) for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+            column[node_id] = 1 + max((node_column(s) for s in sources if stage[s] == stage[node_id]), default=-1)
+        return column[node_id]
 
     ids = sorted(api, key=int)
-    for node_id in ids:
-        node_depth(node_id)
-    nodes, column_y = [], {}
-    link_rows, link_counter = [], 0
-    for order, node_id in enumerate(sorted(ids, key=lambda i: (depth[i], int(i)))):
+    nodes, link_rows, link_counter = [], [], 0
+    for order, node_id in enumerate(sorted(ids, key=lambda i: (stage[i], node_column(i), int(i)))):
         node = api[node_id]
         info = object_info[node["class_type"]]
-        inputs, widgets = [], []
+        inputs, widgets, multiline = [], [], False
         for name, spec, _ in _inputs(info):
             value = node["inputs"].get(name)
             if isinstance(value, list):
@@ -151,24 +183,24 @@ def ui_from_api(api: dict, object_info: dict) -> dict:
                 inputs.append(entry)
             elif _is_widget(spec):
                 widgets += _widget_values(name, spec, value if value is not None else spec[1].get("default"))
+                multiline |= len(spec) > 1 and isinstance(spec[1], dict) and bool(spec[1].get("multiline"))
             else:
                 inputs.append({"name": name, "type": _type_name(spec), "link": None})
         outs = [
             {"name": out_name, "type": out_type, "links": [], "slot_index": slot}
             for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))
         ]
-        height = 60 + 26 * (len(inputs) + len(widgets)) + (80 if "\n" in "".join(map(str, widgets)) else 0)
-        x = 40 + depth[node_id] * COLUMN_WIDTH
-        y = column_y.get(depth[node_id], 40)
-        column_y[depth[node_id]] = y + height + ROW_GAP
+        height = _node_height(inputs, outs, widgets, node["class_type"], multiline)
+        size = [WIDE_NODES.get(node["class_type"], NODE_WIDTH), height]
         entry = {
-            "id": int(node_id), "type": node["class_type"], "pos": [x, y], "size": [340, height], "flags": {},
+            "id": int(node_id), "type": node["class_type"], "pos": [0, 0], "size": size, "flags": {},
             "order": order, "mode": 0, "inputs": inputs, "outputs": outs,
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         }
         if "_meta" in node and "title" in node["_meta"]:
             entry["title"] = node["_meta"]["title"]
         nodes.append(entry)
+    groups = _place_in_stages(nodes, stage, column)
     # fill each output's link list from the links made above
     by_source: dict[tuple[int, int], list[int]] = {}
     for link_id, src, slot, *_ in link_rows:
@@ -176,10 +208,41 @@ def ui_from_api(api: dict, object_info: dict) -> dict:
     for entry in nodes:
         for out in entry["outputs"]:
             out["links"] = by_source.get((entry["id"], out["slot_index"]), [])
+    last_id = max(int(i) for i in ids) + 1
+    nodes.append({
+        "id": last_id, "type": "Note", "pos": [GROUP_PAD, GROUP_PAD + TITLE_HEIGHT], "size": [520, 100], "flags": {},
+        "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note],
+        "title": "Start here", "color": "#432", "bgcolor": "#653",
+    })
     return {
-        "last_node_id": max(int(i) for i in ids), "last_link_id": len(link_rows), "nodes": nodes,
-        "links": link_rows, "groups": [], "config": {}, "extra": {}, "version": 0.4,
+        "last_node_id": last_id, "last_link_id": len(link_rows), "nodes": nodes,
+        "links": link_rows, "groups": groups, "config": {}, "extra": {}, "version": 0.4,
     }
+
+
+def _place_in_stages(nodes: list[dict], stage: dict[str, int], column: dict[str, int]) -> list[dict]:
+    """Set every node's pos: stages left to right under the note, columns inside a stage, nodes stacked."""
+    top = GROUP_PAD + TITLE_HEIGHT + 100 + STAGE_GAP  # under the note
+    groups, x = [], 0
+    for index, title in enumerate(STAGES):
+        members = [n for n in nodes if stage[str(n["id"])] == index]
+        if not members:
+            continue
+        left = x + GROUP_PAD
+        bottom = top
+        for col in sorted({column[str(n["id"])] for n in members}):
+            in_column = [n for n in members if column[str(n["id"])] == col]
+            y = top + GROUP_HEADER + TITLE_HEIGHT
+            for n in in_column:
+                n["pos"] = [left, y]
+                y += n["size"][1] + TITLE_HEIGHT + ROW_GAP
+            bottom = max(bottom, y - ROW_GAP)
+            left += max(n["size"][0] for n in in_column) + COLUMN_GAP
+        right = left - COLUMN_GAP + GROUP_PAD
+        groups.append({"title": title, "bounding": [x, top, right - x, bottom + GROUP_PAD - top],
+                       "color": STAGE_COLOURS[title], "font_size": 24, "flags": {}})
+        x = right + STAGE_GAP
+    return groups
 
 
 def api_from_ui(ui: dict, object_info: dict) -> dict:
@@ -187,6 +250,8 @@ def api_from_ui(ui: dict, object_info: dict) -> dict:
     links = {row[0]: row for row in ui["links"]}
     api = {}
     for entry in ui["nodes"]:
+        if entry["type"] in NOTE_TYPES:
+            continue
         info = object_info[entry["type"]]
         values = list(entry.get("widgets_values", []))
         linked = {i["name"]: links[i["link"]] for i in entry.get("inputs", []) if i.get("link") is not None}
@@ -232,7 +297,8 @@ def main() -> int:
         if problems:
             print(f"{name}: " + "; ".join(problems), file=sys.stderr)
             return 1
-        (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui_from_api(api, object_info), indent=1) + "\n")
+        ui = ui_from_api(api, object_info, note_text(name))
+        (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote workflows/{name}.json")
     return 0
 

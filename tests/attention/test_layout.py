@@ -242,6 +242,18 @@ def test_parse_json_forms():
     assert parse_boxes('[{"box": [0.1, 0.1, 0.2, 0.2], "label": "hat"}]') == [((0.1, 0.1, 0.2, 0.2), "hat")]
 
 
+def test_parse_other_packs_json():
+    # core CreateBoundingBoxes / BOUNDING_BOX: pixels of the canvas whatever the units widget says, label from metadata
+    core = '[{"x": 64, "y": 128, "width": 256, "height": 128, "metadata": {"text": "corgi"}}, {"x": 0, "y": 0, "width": 512, "height": 256}]'
+    expected = [((0.125, 0.5, 0.625, 1.0), "corgi"), ((0.0, 0.0, 1.0, 1.0), "")]
+    assert parse_boxes(core, width=512, height=256) == expected
+    assert parse_boxes(core, units="pixels", width=512, height=256) == expected
+    assert parse_boxes(f"[{core}]", width=512, height=256) == expected  # a one-frame BOUNDING_BOX frame list
+    # Ideogram-style elements: [ymin, xmin, ymax, xmax] on a 0..1000 grid, label from desc
+    ideogram = '[{"type": "obj", "bbox": [100, 250, 900, 500], "desc": "teapot"}]'
+    assert parse_boxes(ideogram) == [((0.25, 0.1, 0.5, 0.9), "teapot")]
+
+
 @pytest.mark.parametrize(
     "text, kwargs, message",
     [
@@ -259,7 +271,10 @@ def test_parse_json_forms():
         ("0.1, 0.2, 0.3, 0.4\n0.1, 0.2, 0.3, 0.4, 0.5", {}, r"line 2 .*got 5"),
         ("0.1, 0.2, abc, 0.4", {}, "'abc' is not a number"),
         ("[[0.1, 0.2, 0.3, 0.4]", {}, "boxes look like JSON but do not parse"),
-        ('[{"bbox": [0, 0, 1, 1]}]', {}, "needs a 'box' key"),
+        ('[{"rect": [0, 0, 1, 1]}]', {}, r"needs 'box', 'x'/'y'/'width'/'height' or 'bbox' keys.*reads: one box per line"),
+        ('["corgi", "teapot"]', {}, r"JSON box 0: expected a list of 4 numbers.*core Create Bounding Boxes.*Ideogram"),
+        ('[{"x": 0, "y": 0, "width": 900, "height": 10}]', {"width": 512, "height": 512}, "outside the 512x512 canvas"),
+        ('[{"bbox": [0, 0, 1200, 500]}]', {}, r"outside \[0, 1\]"),
         ("[[0.1, 0.2]]", {}, "JSON box 0: expected 4 numbers"),
     ],
 )
