@@ -1,16 +1,11 @@
-"""Run ComfyUI headless with this pack and drive it through its HTTP API.
+"""Run ComfyUI headless with this pack and drive it through its HTTP API (standard library only).
 
-Standard library only, so it also runs as a plain script before the pack is installed
-(``python3 headless.py find-comfyui`` is what the setup script uses).
-
-Where ComfyUI is looked for, in order: ``$COMFYUI_PATH``; the ComfyUI that holds this pack
-(``<ComfyUI>/custom_nodes/<pack>``); ``~/comfy/ComfyUI`` (the comfy-cli default).
+Which ComfyUI: ``comfyui_locator.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,7 +19,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parent
+from .comfyui_locator import PACK_DIR, require_comfyui
+
 PACK_NAME = "multisubject"
 MAIN_WORKFLOW, FALLBACK_WORKFLOW = "anyms_sdxl", "layout_preview"  # `make run`: generate, else preview the layout
 RUN_TIMEOUT = 6 * 3600.0  # a real generation on a slow machine
@@ -41,36 +37,6 @@ MODEL_FILE_INPUTS = {
     "VAELoader": {"vae_name": "vae"},
 }
 LEGACY_FOLDERS = {"text_encoders": ("clip",), "diffusion_models": ("unet",)}  # ComfyUI still reads these too
-
-
-def comfyui_candidates() -> list[Path]:
-    """Places ComfyUI is looked for, in order."""
-    places = []
-    if os.environ.get("COMFYUI_PATH"):
-        places.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if PACK_DIR.parent.name == "custom_nodes":
-        places.append(PACK_DIR.parent.parent)
-    places.append(Path.home() / "comfy" / "ComfyUI")
-    return places
-
-
-def find_comfyui() -> Path | None:
-    """The first candidate that holds a ComfyUI checkout (its ``main.py`` and ``comfy/``), or None."""
-    for place in comfyui_candidates():
-        if (place / "main.py").is_file() and (place / "comfy").is_dir():
-            return place.resolve()
-    return None
-
-
-def require_comfyui() -> Path:
-    path = find_comfyui()
-    if path is None:
-        looked = ", ".join(str(p) for p in comfyui_candidates())
-        raise RuntimeError(
-            f"ComfyUI not found (looked in: {looked}). Set COMFYUI_PATH to your ComfyUI folder, or install this "
-            "pack into ComfyUI/custom_nodes"
-        )
-    return path
 
 
 def _free_port() -> int:
@@ -257,12 +223,3 @@ def run_workflow_to_files(name: str, out_dir: Path) -> list[Path]:
                 path.write_bytes(server.view(image))
                 written.append(path)
     return written
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["find-comfyui"]:
-        found = find_comfyui()
-        print(found or "")
-        sys.exit(0 if found else 1)
-    print("usage: python3 headless.py find-comfyui", file=sys.stderr)
-    sys.exit(2)

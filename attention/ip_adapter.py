@@ -351,12 +351,3 @@ def _sample_keys(state: dict, limit: int = 4) -> str:
     keys = sorted(str(k) for k in state)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return "[" + ", ".join(keys[:limit]) + "]" + more
-
-
-def adapter_state_dict(adapter: IPAdapter) -> dict[str, Tensor]:
-    """Flat ``.safetensors`` layout of ``adapter`` (the inverse of ``adapter_from_state_dict``)."""
-    state = {f"image_proj.{k}": v.detach().clone() for k, v in adapter.image_proj.state_dict().items()}
-    for n, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
-        state[f"ip_adapter.{2 * n + 1}.to_k_ip.weight"] = k.clone()
-        state[f"ip_adapter.{2 * n + 1}.to_v_ip.weight"] = v.clone()
-    return state

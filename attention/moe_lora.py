@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .hook_keys import MOE_LORA_MODULE
+
 ROUTINGS = ("switch", "renormalized")
 
 
@@ -200,7 +202,7 @@ class MoELoRAFFN(nn.Module):
     working while this wrapper stands in for the FFN).
     """
 
-    MOE_NAME = "ms_moe_lora"
+    MOE_NAME = MOE_LORA_MODULE
 
     def __init__(self, base: nn.Module, moe: MoELoRA, strength: float = 1.0) -> None:
         super().__init__()

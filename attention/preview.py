@@ -33,6 +33,7 @@ from .layout import (
     region_areas,
     region_token_masks,
 )
+from .pil import to_pil
 from .subjects import Subjects
 
 log = logging.getLogger("multisubject")
@@ -99,7 +100,7 @@ def render_layout(layout: Layout, subjects: Subjects | None = None, background: 
         alpha = (layout.regions[i].raster(height, width)[rows, cols] * FILL_ALPHA)[..., None]
         canvas[rows, cols].mul_(1 - alpha).add_(torch.tensor(region_colour(i)) * alpha)
 
-    image = Image.fromarray((canvas.clamp(0, 1) * 255).round().byte().numpy())
+    image = to_pil(canvas)
     draw = ImageDraw.Draw(image)
     font = _font(max(12, min(height, width) // 40))
     for i in order:
@@ -197,7 +198,7 @@ def _paste_thumbnail(image: Image.Image, reference: Tensor, box_px: tuple[int, i
     ref_h, ref_w = reference.shape[:2]
     scale = side / max(ref_h, ref_w)
     size = (max(1, round(ref_w * scale)), max(1, round(ref_h * scale)))
-    thumb = Image.fromarray((reference.clamp(0, 1) * 255).round().byte().cpu().numpy()).resize(size, Image.BILINEAR)
+    thumb = to_pil(reference).resize(size, Image.BILINEAR)
     image.paste(thumb, (x0 + 4, top))
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,11 +103,6 @@ class MoEExperts:
     lora_A: Tensor
     lora_B: Tensor
 
-    @classmethod
-    def from_module(cls, module: MoELoRA) -> MoEExperts:
-        """Detached copies of a trained ``MoELoRA``'s parameters."""
-        return cls(*(p.detach().clone().contiguous() for p in (module.router, module.lora_A, module.lora_B)))
-
     def to_module(self, config: MoELoRAConfig) -> MoELoRA:
         return MoELoRA.from_tensors(self.router, self.lora_A, self.lora_B, config)
 
@@ -129,14 +124,18 @@ class MultiCrafterWeights:
             raise ValueError("inconsistent MultiCrafter weights: " + "; ".join(problems))
 
 
+def moe_target_problems(targets: Sequence[str]) -> list[str]:
+    """The one check that MoE targets are Flux FFN paths (empty when they are)."""
+    bad = [t for t in targets if not MOE_TARGET.match(t)]
+    return [f"MoE targets {bad} are not Flux FFN paths (double_blocks.N.img_mlp / txt_mlp)"] if bad else []
+
+
 def _consistency_problems(w: MultiCrafterWeights) -> list[str]:
     problems = []
     if w.base_model != BASE_MODEL:
         problems.append(f"base_model must be {BASE_MODEL!r} (this format is for FLUX.1), got {w.base_model!r}")
     cfg = w.moe_config
-    bad_targets = [t for t in cfg.targets if not MOE_TARGET.match(t)]
-    if bad_targets:
-        problems.append(f"MoE targets {bad_targets} are not Flux FFN paths (double_blocks.N.img_mlp / txt_mlp)")
+    problems += moe_target_problems(cfg.targets)
     if set(w.moe) != set(cfg.targets):
         problems.append(
             f"MoE tensors cover {sorted(w.moe)} but the config lists targets {sorted(cfg.targets)}; they must match"
@@ -243,11 +242,9 @@ def from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] |
         raise ValueError(f"{source}: metadata misses the field {e.args[0]!r}") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    bad_targets = [t for t in moe_config.targets if not MOE_TARGET.match(t)]
-    if bad_targets:
-        raise ValueError(f"{source}: MoE targets {bad_targets} are not Flux FFN paths (double_blocks.N.img_mlp / txt_mlp)")
-
-    problems = []
+    problems = moe_target_problems(moe_config.targets)  # first: tensors of a wrong target would only look "missing"
+    if problems:
+        raise ValueError(f"{source}: {problems[0]}")
     moe: dict[str, MoEExperts] = {}
     lora: dict[str, LoRAPair] = {}
     for path in moe_config.targets:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -18,14 +15,12 @@ from ..attention.anyms import (
     average_reference_tokens,
 )
 from ..attention.ip_adapter import BASE_NAMES, BASE_SITES, IPAdapter, SiteKey, load_adapter_file
-from .inputs import check_inputs, model_file
+from .inputs import check_inputs, model_file, model_files, register_model_folder
 from .types import CATEGORY, ENCODED_SUBJECTS, IPADAPTER, LAYOUT, PREFIX, SUBJECTS
 
 ADAPTER_FOLDER = "ipadapter"  # models/ipadapter, shared with ComfyUI_IPAdapter_plus
-if ADAPTER_FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (
-        [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)], folder_paths.supported_pt_extensions,
-    )
+ADAPTER_EXTENSIONS = (".safetensors", ".bin")
+register_model_folder(ADAPTER_FOLDER)
 
 
 class LoadIPAdapter(io.ComfyNode):
@@ -42,7 +37,7 @@ class LoadIPAdapter(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input(
-                    "adapter_name", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
+                    "adapter_name", options=model_files(ADAPTER_FOLDER, ADAPTER_EXTENSIONS),
                     tooltip="IP-Adapter file in models/ipadapter. ip-adapter-plus_sdxl_vit-h (16 tokens per subject, "
                     "more identity detail) is the recommended default; it needs the ViT-H CLIP vision encoder.",
                 ),

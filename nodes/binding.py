@@ -27,10 +27,10 @@ from ..attention.binding import (
     combine_with_mask,
 )
 from ..attention.families import ModelFamily, TokenLayout
+from ..attention.hook_keys import BINDING_WRAPPER
 from .families import double_block_calls, require_family
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
 
-WRAPPER_KEY = "multisubject_binding"
 OVERRIDE = "optimized_attention_override"
 
 # observer(q, k, layout, mask, is_double): q, k (B, H, N, D) post-RoPE, mask additive or None
@@ -58,7 +58,7 @@ class ReferenceBindingPatch:
         self.double_calls = double_calls
         self.observer = observer
         self.previous_override = previous_override
-        self.key = f"{WRAPPER_KEY}_{id(self)}"
+        self.key = f"{BINDING_WRAPPER}_{id(self)}"
 
     def __deepcopy__(self, memo):
         return self

@@ -18,6 +18,20 @@ from comfy_api.latest import io
 from ..attention.checks import check_number, quote
 
 
+def register_model_folder(folder: str) -> None:
+    """Make ``models/<folder>`` a ComfyUI model folder (the one way this pack registers folders).
+
+    Through ``folder_paths.add_model_folder_path``, so a folder another pack or ``extra_model_paths.yaml``
+    registered first keeps its paths and extensions; ours is added to its list.
+    """
+    folder_paths.add_model_folder_path(folder, os.path.join(folder_paths.models_dir, folder))
+
+
+def model_files(folder: str, extensions: tuple[str, ...]) -> list[str]:
+    """The files of a registered folder with one of ``extensions`` (for a combo's options)."""
+    return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(extensions)]
+
+
 def _where_to_put(folder: str) -> str:
     roots = folder_paths.get_folder_paths(folder)
     return (f"put it in {roots[0] if roots else 'models/' + folder} (ComfyUI's '{folder}' folder; extra_model_paths.yaml "

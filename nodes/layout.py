@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..attention.checks import check_image_batch
+from ..attention.hook_keys import EDITOR_UI
 from ..attention.layout import Layout, composite_ownership, parse_boxes, region_areas
 from ..attention.preview import render_layout
 from .inputs import check_inputs
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS, mask_batch
 
-EDITOR_UI_KEY = "multisubject_canvas"  # the UI output web/layout_editor.js draws behind the boxes
 THUMBNAIL_SIDE = 128  # longest side of the reference thumbnails sent to the editor
 _SUBJECTS_TOOLTIP = "Optional subjects: their count is checked against the regions and their labels fill unlabelled regions."
 
@@ -65,7 +65,7 @@ class LayoutFromBoxes(io.ComfyNode):
         parsed = parse_boxes(boxes, units=units, width=width, height=height)
         layout = Layout.from_boxes(width, height, [b for b, _ in parsed], [lab for _, lab in parsed])
         layout = _label_from_subjects(layout, subjects)
-        return io.NodeOutput(layout, ui={EDITOR_UI_KEY: [_editor_pictures(subjects, background)]})
+        return io.NodeOutput(layout, ui={EDITOR_UI: [_editor_pictures(subjects, background)]})
 
 
 def _editor_pictures(subjects, background) -> dict:

@@ -20,14 +20,14 @@ from ..attention.checks import check_image_batch
 from ..scoring.faces import resolve_face_pack
 from ..scoring.identity import KINDS
 from ..scoring.objects import SUPPORTED
-from .inputs import check_inputs, check_name, model_folder, require_inside
+from .inputs import check_inputs, check_name, model_folder, register_model_folder, require_inside
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
 
 NONE = "none"
 FACE_FOLDER = "insightface"
 OBJECT_FOLDER = "reward_models"
 for _name in (FACE_FOLDER, OBJECT_FOLDER):
-    folder_paths.add_model_folder_path(_name, os.path.join(folder_paths.models_dir, _name))
+    register_model_folder(_name)
 
 _LOADED: dict[tuple, object] = {}  # loaded models, reused across runs (keyed by folder + settings)
 

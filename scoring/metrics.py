@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..attention.files import file_error, read_torch_file, reading
+from ..attention.pil import to_pil
 from .deps import require
 from .faces import refuse_hub_id
 from .objects import REFETCH, check_model_dir, read_model_type
@@ -179,7 +179,7 @@ class PhraseDetector:
         """
         height, width = image.shape[:2]
         queries = list(dict.fromkeys(phrases))  # OWL gives each box to its best query: duplicates would starve
-        pil = Image.fromarray((image.clamp(0, 1) * 255).round().byte().cpu().numpy())
+        pil = to_pil(image)
         inputs = self.processor(text=[queries], images=pil, return_tensors="pt", padding="max_length",
                                 max_length=self.text_length, truncation=True)
         outputs = self.model(**{k: v.to(self.device) for k, v in inputs.items()})

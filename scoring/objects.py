@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from ..attention.files import reading
+from ..attention.pil import to_pil
 from .deps import require
 from .faces import refuse_hub_id
 
@@ -77,10 +77,6 @@ def masked_crop(image: Tensor, box_px: tuple[int, int, int, int], mask: Tensor |
     return crop
 
 
-def _to_pil(image: Tensor) -> Image.Image:
-    return Image.fromarray((image.detach().float().cpu().clamp(0, 1) * 255).round().byte().numpy())
-
-
 class ImageEmbedder:
     """DINO v1 / DINOv2 (CLS) or CLIP (projected image and text embeddings), L2-normalised."""
 
@@ -125,7 +121,7 @@ class ImageEmbedder:
         """Shapes: images N x (H_i, W_i, 3) float in [0, 1] -> (N, D) L2-normalised."""
         if not images:
             return torch.zeros(0, 0)
-        pixels = self.processor(images=[_to_pil(im) for im in images], return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=[to_pil(im) for im in images], return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device)
         if self.kind == "vit":
             features = self.model(pixel_values=pixels).last_hidden_state[:, 0]

@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from ..attention.pil import to_pil
 from ..attention.preview import region_colour
 from ..attention.subjects import Subjects
 from .identity import IdentityResult
@@ -23,10 +24,6 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
-
-
-def _pil(image: Tensor) -> Image.Image:
-    return Image.fromarray((image.detach().float().cpu().clamp(0, 1) * 255).round().byte().numpy())
 
 
 def _caption(name: str, result: IdentityResult, s: int) -> str:
@@ -61,7 +58,7 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
     text_width = max([measure.multiline_textbbox((0, 0), c, font=font)[2] for c in captions] + [40])
     column = thumb + text_width + 24
     canvas = Image.new("RGB", (width + column, max(height, slot * num_subjects)), PANEL)
-    canvas.paste(_pil(image), (0, 0))
+    canvas.paste(to_pil(image), (0, 0))
     draw = ImageDraw.Draw(canvas)
     line_width = max(2, min(height, width) // 200)
 
@@ -78,7 +75,7 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
     for s, subject in enumerate(subjects):
         top = s * slot
         x0 = width + 8
-        ref = _pil(subject.images[0])
+        ref = to_pil(subject.images[0])
         ref.thumbnail((thumb, thumb))
         canvas.paste(ref, (x0, top + 2))
         kind, k = result.kinds[s], int(result.assignment[s])

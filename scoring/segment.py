@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 
+from ..attention.pil import to_pil
 from .deps import require
 from .objects import check_model_dir
 
@@ -46,7 +46,7 @@ class BoxSegmenter:
         height, width = image.shape[:2]
         if not len(boxes):
             return torch.zeros(0, height, width)
-        pil = Image.fromarray((image.clamp(0, 1) * 255).round().byte().cpu().numpy())
+        pil = to_pil(image)
         inputs = self.processor(images=pil, input_boxes=[boxes.float().tolist()], return_tensors="pt")
         outputs = self.model(**{k: v.to(self.device) for k, v in inputs.items()}, multimask_output=False)
         masks = self.processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"],

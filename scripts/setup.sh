@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
-COMFYUI="$("$PYTHON" headless.py find-comfyui || true)"
+COMFYUI="$("$PYTHON" comfyui_locator.py || true)"
 REQS="${COMFYUI:+$COMFYUI/requirements.txt}"
 
 key="$( { cat pyproject.toml scripts/setup.sh; echo "$COMFYUI"; [ -n "$REQS" ] && cat "$REQS"; } | sha256sum | cut -d' ' -f1)"

@@ -282,7 +282,8 @@ def main() -> int:
     import shutil
     import tempfile
 
-    from multisubject.headless import ComfyServer, require_comfyui
+    from multisubject.comfyui_locator import require_comfyui
+    from multisubject.headless import ComfyServer
 
     base_dir = Path(tempfile.mkdtemp(prefix="multisubject-workflows-"))
     seed_model_placeholders(base_dir)

@@ -1,7 +1,7 @@
 """Test tiers.
 
 Tier 1 (everything outside tests/comfy/): pure tests, no ComfyUI needed.
-Tier 2 (tests/comfy/): runs whenever a ComfyUI checkout is found (see headless.comfyui_candidates);
+Tier 2 (tests/comfy/): runs whenever a ComfyUI checkout is found (see comfyui_locator.comfyui_candidates);
 otherwise it is skipped with one loud line naming where we looked.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from multisubject.headless import comfyui_candidates, find_comfyui
+from multisubject.comfyui_locator import comfyui_candidates, find_comfyui
 
 COMFYUI = find_comfyui()
 _SKIP_LINE = (

@@ -21,18 +21,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..attention.hook_keys import IDAR_BLOCK
 from ..attention.moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN
 from ..attention.reference_attention import TokenLayout
 from .config import LoRAConfig, ModelConfig, MoEConfig
 from .lora import LoRALinear, get_submodule_parent, inject_lora
 from .losses import supervised_maps
 
-IDAR_BLOCK_KEY = "ms_idar_block"  # transformer_options key set by the block tagger for the attention override
-
 
 def import_comfy(comfyui: str = "", cpu: bool | None = None):
     """Put the user's ComfyUI folder on ``sys.path`` and import ``comfy`` headless. Returns the ``comfy`` module."""
-    from ..headless import comfyui_candidates  # stdlib-only helper of this pack
+    from ..comfyui_locator import comfyui_candidates  # stdlib-only
 
     places = [Path(comfyui).expanduser()] if comfyui else comfyui_candidates()
     root = next((p for p in places if (p / "comfy" / "model_patcher.py").is_file()), None)
@@ -248,7 +247,7 @@ class FluxBackend(nn.Module):
         def run(args: dict, extra: dict) -> dict:
             options = args["transformer_options"]
             if supervised:
-                options = {**options, IDAR_BLOCK_KEY: index}
+                options = {**options, IDAR_BLOCK: index}
 
             def body(*xs: Tensor) -> tuple[Tensor, ...]:
                 common = dict(vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"), transformer_options=options)
@@ -288,7 +287,7 @@ class _IDARAttention:
 
     def __call__(self, func, q, k, v, heads, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        if options.get(IDAR_BLOCK_KEY) is not None:
+        if options.get(IDAR_BLOCK) is not None:
             self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint,
                                                      self.capture.direction))
         return func(q, k, v, heads, **kwargs)

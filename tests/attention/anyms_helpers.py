@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from multisubject.attention.ip_adapter import BASE_SITES, RESAMPLER_DIM_HEAD
+from multisubject.attention.ip_adapter import BASE_SITES, RESAMPLER_DIM_HEAD, IPAdapter
 
 
 def site_widths(base: str, model_channels: int) -> list[int]:
@@ -71,3 +72,12 @@ def adapter_state(
     if nested:
         return {"image_proj": proj, "ip_adapter": sites}
     return {**{f"image_proj.{k}": v for k, v in proj.items()}, **{f"ip_adapter.{k}": v for k, v in sites.items()}}
+
+
+def adapter_state_dict(adapter: IPAdapter) -> dict[str, Tensor]:
+    """Test oracle: the flat ``.safetensors`` layout of ``adapter`` (the inverse of ``adapter_from_state_dict``)."""
+    state = {f"image_proj.{k}": v.detach().clone() for k, v in adapter.image_proj.state_dict().items()}
+    for n, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
+        state[f"ip_adapter.{2 * n + 1}.to_k_ip.weight"] = k.clone()
+        state[f"ip_adapter.{2 * n + 1}.to_v_ip.weight"] = v.clone()
+    return state

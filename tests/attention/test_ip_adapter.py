@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from anyms_helpers import adapter_state
+from anyms_helpers import adapter_state, adapter_state_dict
 from safetensors.torch import save_file
 
 from multisubject.attention.ip_adapter import (
     adapter_from_state_dict,
-    adapter_state_dict,
     load_adapter_file,
     sd15_sites,
     sdxl_sites,

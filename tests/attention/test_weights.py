@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from weight_helpers import experts_of
 
 from multisubject.attention.moe_lora import MoELoRA, MoELoRAConfig
 from multisubject.attention.weights import (
@@ -38,7 +39,7 @@ def make_weights(dtype=torch.float32, train_config=None) -> MultiCrafterWeights:
         module = MoELoRA(HIDDEN, HIDDEN, cfg)
         with torch.no_grad():
             module.lora_B.normal_()
-        moe[path] = MoEExperts.from_module(module.to(dtype))
+        moe[path] = experts_of(module.to(dtype))
     lora = {p: LoRAPair(torch.randn(2, FEATURES[p][0], dtype=dtype), torch.randn(FEATURES[p][1], 2, dtype=dtype))
             for p in LORA_TARGETS}
     return MultiCrafterWeights(cfg, moe, LoRAConfig(rank=2, alpha=1.0, targets=LORA_TARGETS), lora,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from multisubject.headless import find_comfyui
+from multisubject.comfyui_locator import find_comfyui
 
 CHROMIUM_CANDIDATES = ["$CHROMIUM_PATH", "chromium", "chromium-browser", "/usr/bin/chromium", "/usr/lib/chromium/chromium"]
 

@@ -22,7 +22,8 @@ from playwright.sync_api import sync_playwright
 
 from multisubject.attention.layout import parse_boxes
 from multisubject.attention.preview import EMPTY_BACKGROUND, FILL_ALPHA, region_colour
-from multisubject.headless import PACK_DIR, ComfyServer, find_comfyui
+from multisubject.comfyui_locator import PACK_DIR, find_comfyui
+from multisubject.headless import ComfyServer
 
 WORKFLOW = json.loads((PACK_DIR / "workflows" / "layout_preview.json").read_text())
 WIDTH, HEIGHT = 768, 512  # the layout_preview canvas

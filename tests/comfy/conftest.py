@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from workflow_tools import seed_model_placeholders
 
-from multisubject.headless import PACK_DIR, ComfyServer, find_comfyui
+from multisubject.comfyui_locator import PACK_DIR, find_comfyui
+from multisubject.headless import ComfyServer
 
 FIXTURE_PACK = Path(__file__).resolve().parent / "fixture_nodes"
 

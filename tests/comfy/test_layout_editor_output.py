@@ -5,8 +5,9 @@ import io
 import numpy as np
 from PIL import Image
 
+from multisubject.attention.hook_keys import EDITOR_UI
 from multisubject.headless import load_api_workflow
-from multisubject.nodes.layout import EDITOR_UI_KEY, THUMBNAIL_SIDE
+from multisubject.nodes.layout import THUMBNAIL_SIDE
 
 
 def _image(server, ref):
@@ -16,13 +17,13 @@ def _image(server, ref):
 def test_thumbnails_and_background_reach_the_editor(server):
     prompt = load_api_workflow("layout_preview")
     prompt["1"]["inputs"].update(width=512, height=300)  # a big reference: shrunk, aspect kept
-    pictures = server.run(prompt)["outputs"]["5"][EDITOR_UI_KEY][0]
+    pictures = server.run(prompt)["outputs"]["5"][EDITOR_UI][0]
     assert pictures["background"] is None
     first, second = (_image(server, ref) for ref in pictures["thumbnails"])
     assert first.shape == (75, THUMBNAIL_SIDE, 3) and second.shape == (256 // 2, 256 // 2, 3)
     assert np.abs(first[30, 60].astype(int) - [0xD0, 0x40, 0x40]).max() <= 2  # subject 1's red
 
     prompt["5"]["inputs"]["background"] = ["2", 0]  # subject 2's blue image behind the boxes
-    pictures = server.run(prompt)["outputs"]["5"][EDITOR_UI_KEY][0]
+    pictures = server.run(prompt)["outputs"]["5"][EDITOR_UI][0]
     background = _image(server, pictures["background"])
     assert background.shape == (256, 256, 3) and np.abs(background[5, 5].astype(int) - [0x40, 0x60, 0xD0]).max() <= 2

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from fixture_nodes.fx_flux import TINY_FLUX, build_tiny_flux, build_tiny_flux_vae, tiny_flux_conditioning
+from weight_helpers import experts_of
 
 from multisubject.attention.binding import BindingConfig, BindingPlan, SubjectBinding
 from multisubject.attention.families import FLUX
@@ -13,7 +14,7 @@ from multisubject.attention.layout import Layout
 from multisubject.attention.moe_lora import MoELoRA, MoELoRAConfig
 from multisubject.attention.subjects import Subject, Subjects
 from multisubject.attention.unope import unope_ids
-from multisubject.attention.weights import LoRAConfig, LoRAPair, MoEExperts, MultiCrafterWeights
+from multisubject.attention.weights import LoRAConfig, LoRAPair, MultiCrafterWeights
 
 HIDDEN = TINY_FLUX["hidden_size"]
 
@@ -129,7 +130,7 @@ def _weights(hidden=HIDDEN, zero_experts=False, targets=("double_blocks.0.img_ml
         if not zero_experts:
             with torch.no_grad():
                 module.lora_B.normal_(0, 0.5)
-        moe[path] = MoEExperts.from_module(module)
+        moe[path] = experts_of(module)
     lora, lora_cfg = {}, LoRAConfig(rank=2, alpha=2.0, targets=())
     if with_lora:
         path = "double_blocks.0.img_attn.qkv"

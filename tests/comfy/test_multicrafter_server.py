@@ -3,12 +3,12 @@
 import copy
 
 import torch
+from weight_helpers import experts_of
 
 from multisubject.attention.moe_lora import MoELoRA, MoELoRAConfig
 from multisubject.attention.weights import (
     LoRAConfig,
     LoRAPair,
-    MoEExperts,
     MultiCrafterWeights,
     save_multicrafter_weights,
 )
@@ -29,7 +29,7 @@ def _write_tiny_weights(server) -> None:
         module = MoELoRA(HIDDEN, HIDDEN, cfg)
         with torch.no_grad():
             module.lora_B.normal_(0, 0.1)
-        moe[path] = MoEExperts.from_module(module)
+        moe[path] = experts_of(module)
     qkv = "double_blocks.0.img_attn.qkv"
     lora = {qkv: LoRAPair(torch.randn(2, HIDDEN) * 0.1, torch.randn(3 * HIDDEN, 2) * 0.1)}
     save_multicrafter_weights(MultiCrafterWeights(cfg, moe, LoRAConfig(2, 2.0, (qkv,)), lora), folder / TINY_FILE)
