@@ -178,8 +178,9 @@ def test_face_sim_works_without_an_object_model_and_multi_id_is_then_na(tmp_path
     from scoring_fakes import face_canvas
 
     from multisubject.attention.subjects import Subject, Subjects
-    from multisubject.scoring.evaluate import Evaluator, Sample
+    from multisubject.scoring.evaluate import Evaluator
     from multisubject.scoring.faces import FaceEmbedder
+    from multisubject.scoring.manifest import Sample
 
     generated = tmp_path / "gen.png"
     Image.fromarray((face_canvas([(5, 4, 10)]).numpy() * 255).astype("uint8")).save(generated)
@@ -214,10 +215,10 @@ def test_hps_score_is_the_cosine_of_open_clip_features_and_bad_files_are_named(t
 
 
 def test_manifest_may_be_json_lines_and_bad_entries_name_the_problem(tmp_path):
-    from multisubject.scoring.evaluate import ManifestError, parse_sample, read_manifest
+    from multisubject.scoring.manifest import ManifestError, parse_sample, read_eval_manifest
 
     (tmp_path / "m.jsonl").write_text('{"image": "a.png", "references": ["r.png"]}\n')
-    entries = read_manifest(tmp_path / "m.jsonl")
+    entries = read_eval_manifest(tmp_path / "m.jsonl")
     assert entries == [{"image": "a.png", "references": ["r.png"]}]
     with pytest.raises(ManifestError, match="reference 0 image .*r.png does not exist"):
         parse_sample(entries[0], 0, tmp_path)

@@ -11,9 +11,10 @@ from PIL import Image
 from multisubject.attention.layout import Layout
 from multisubject.attention.subjects import Subject, Subjects
 from multisubject.scoring.confusion import identity_confusion
-from multisubject.scoring.evaluate import Evaluator, Sample, format_table, summarise
+from multisubject.scoring.evaluate import Evaluator, format_table, summarise
 from multisubject.scoring.identity import IdentityScorer
 from multisubject.scoring.locate import FALLBACK_QUERY, NOT_LOCATED, ObjectLocator
+from multisubject.scoring.manifest import Sample
 from multisubject.scoring.metrics import average_precision_50, layout_ious
 from multisubject.scoring.report import report_caption
 
