@@ -10,6 +10,18 @@ VENV=.venv
 COMFYUI="$("$PYTHON" comfyui_locator.py || true)"
 REQS="${COMFYUI:+$COMFYUI/requirements.txt}"
 
+# browser test tier: the `playwright` package (a dev extra) drives the system's Chromium, never a downloaded one;
+# checked on every run, before the up-to-date shortcut, so a machine without Chromium gets it
+if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "${CHROMIUM_PATH:-}" ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing Chromium with apt for the browser tests"
+  apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
+else
+  echo "setup: Chromium not found, so the browser test tier will be skipped. Install it as root" \
+    "(Debian/Ubuntu: sudo apt-get install chromium) or point CHROMIUM_PATH at a Chromium binary"
+fi
+
 key="$( { cat pyproject.toml scripts/setup.sh; echo "$COMFYUI"; [ -n "$REQS" ] && cat "$REQS"; } | sha256sum | cut -d' ' -f1)"
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.setup-key" 2>/dev/null)" = "$key" ]; then
   exit 0
@@ -28,15 +40,5 @@ if [ -n "$COMFYUI" ]; then
   pip install -r "$VENV/comfyui-requirements.txt" requests  # requests: imported by ComfyUI, not listed
 else
   echo "setup: ComfyUI not found (set COMFYUI_PATH); the ComfyUI test tier will be skipped"
-fi
-# browser test tier: the `playwright` package (a dev extra) drives the system's Chromium, never a downloaded one
-if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "${CHROMIUM_PATH:-}" ]; then
-  :
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "setup: installing Chromium with apt for the browser tests"
-  apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
-else
-  echo "setup: Chromium not found, so the browser test tier will be skipped. Install it as root" \
-    "(Debian/Ubuntu: sudo apt-get install chromium) or point CHROMIUM_PATH at a Chromium binary"
 fi
 echo "$key" > "$VENV/.setup-key"
