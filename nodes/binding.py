@@ -115,7 +115,9 @@ class ReferenceBindingPatch:
                     self.family.reference_sources)
                 if binding is not None:
                     impl = choose_implementation(self.plan.config, q.device, mask is not None)
-                    if impl == "split" and self.observer is None and self.previous_override is None:
+                    # the split replaces the attention call, so only when nothing else must see or run it
+                    observed = getattr(func, "observes_attention", False)
+                    if impl == "split" and self.observer is None and self.previous_override is None and not observed:
                         return _split(binding, q, k, v, heads, skip)
                     kwargs["mask"] = combine_with_mask(binding.bias(), mask)
                 if self.observer is not None:
@@ -133,6 +135,7 @@ class ReferenceBindingPatch:
                 self.observer(q4, k4, call.layout, kw.get("mask"), is_double)
             return func(q, k, v, heads, *rest, **kw)
 
+        observe_then_attend.observes_attention = True  # an inner binding patch keeps the mask path for it
         return observe_then_attend
 
 
