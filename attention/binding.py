@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .families import TokenLayout
-from .layout import Layout, TokenGrid, composite_by_priority, region_token_masks
+from .layout import Layout, TokenGrid, composite_ownership, region_areas, region_token_masks
 
 DIRECTIONS = ("image_to_reference", "both")
 IMPLEMENTATIONS = ("auto", "bias", "split")
@@ -85,17 +85,13 @@ class BindingConfig:
 def active_ownership(layout: Layout, grid: TokenGrid, priorities: Sequence[int], active: Sequence[bool]) -> Tensor:
     """Exclusive token ownership of the layout's regions, composited over the active subjects only.
 
-    The one place binding asks the layout module for ownership.
+    The one place binding asks the layout module for ownership (priority, then smaller area, then later subject).
 
     Shapes:
         returns (S, h, w) bool; rows of inactive subjects are all False
     """
-    masks = region_token_masks(layout, grid)
     on = [i for i, a in enumerate(active) if a]
-    out = torch.zeros_like(masks)
-    if on:
-        out[on] = composite_by_priority(masks[on], [priorities[i] for i in on]).exclusive
-    return out
+    return composite_ownership(region_token_masks(layout, grid), list(priorities), region_areas(layout), on).exclusive
 
 
 class BindingPlan:
@@ -322,6 +318,22 @@ def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     weights = (lses - lses.amax(0, keepdim=True)).exp()
     weights = weights / weights.sum(0, keepdim=True)
     return sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, parts))
+
+
+def combine_with_mask(bias: Tensor, mask: Tensor | None) -> Tensor:
+    """Add an incoming attention mask (bool: True = attend, or additive float) to our bias.
+
+    Shapes:
+        bias: (1, 1, N, N); mask: broadcastable to (B, H, N, N) or (B, N, N); returns broadcastable (B, H, N, N)
+    """
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+            ~mask.to(bias.device), torch.finfo(bias.dtype).min / 4)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    return bias + mask.to(device=bias.device, dtype=bias.dtype)
 
 
 def choose_implementation(config: BindingConfig, device: torch.device, has_mask: bool) -> str:

@@ -1,7 +1,7 @@
 """Layout-masked reference attention vs plain SDPA at FLUX.1 shapes (24 heads x 128, 512 text + 1024 image + 2x400 refs).
 
 The masked path is what Apply MultiCrafter adds to every attention call: the cached additive bias
-(``reference_attention_bias``, built once per layout) passed as a float mask to the same SDPA kernel.
+(``CallBinding.bias`` of ``attention/binding.py``, built once per layout) passed as a float mask to the same SDPA kernel.
 Both run side by side in one process, interleaved, median of ``--reps``. Last line: JSON figures.
 
     python bench/flux_reference_attention.py [--device cpu|cuda] [--quick] [--reps 7] [--dtype float32|bfloat16]
@@ -20,7 +20,9 @@ import harness
 import torch
 import torch.nn.functional as F
 
-from multisubject.attention.reference_attention import ReferenceAttentionConfig, TokenLayout, reference_attention_bias
+from multisubject.attention.binding import BindingConfig, BindingPlan, SubjectBinding
+from multisubject.attention.families import FLUX
+from multisubject.attention.layout import Layout
 
 TARGETS = {"masked_over_unmasked": {"cpu": ("<=", 1.5), "cuda": ("<=", 1.15)}, "masked_peak_mib": None,
            "unmasked_peak_mib": None}
@@ -38,16 +40,14 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, args.dtype)
     heads, head_dim = 24, 128
-    layout = TokenLayout(num_txt=512, image_grid=(32, 32), reference_grids=((20, 20), (20, 20)))
-    allowed = torch.zeros(2, 32, 32, dtype=torch.bool)
-    allowed[0, :, :16] = True
-    allowed[1, :, 16:] = True
+    layout = FLUX.token_layout(512, (64, 64), [(40, 40), (40, 40)])  # 1024 image + 2 x 400 reference tokens
+    plan = BindingPlan(Layout.from_boxes(512, 512, [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]),
+                       [SubjectBinding(1), SubjectBinding(1)], BindingConfig())
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, layout.total, head_dim, dtype=dtype, device=device) for _ in range(3))
 
     start = time.perf_counter()
-    bias = reference_attention_bias(layout, allowed, (0, 1), ReferenceAttentionConfig().blocked_value(dtype), dtype,
-                                    device)
+    bias = plan.for_call(layout, (64, 64), FLUX.patch, 1.0, dtype, device).bias()
     harness.synchronize(device)
     build_s = time.perf_counter() - start
 

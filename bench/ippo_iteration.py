@@ -4,14 +4,19 @@ references per prompt, attention LoRA + MoE-LoRA. The reward is a cheap stand-in
 is the loop's own overhead; real reward models add their own time (logged per reward as time/reward_<name>).
 
 The rollout runs K = 16 forwards without gradients; the update recomputes only the W = 2 window steps with
-gradients (forward + backward), so it should cost no more than the rollout it learns from.
+gradients (forward + backward), so it should cost no more than the rollout it learns from. The update is timed as
+GSPO takes it (``gspo.minibatches = 4``: each group's 6 trajectories dealt 2, 2, 1, 1 into 4 shuffled mini-batches
+of 4, 4, 2, 2, one optimizer step each) side by side with the one-step GRPO-equivalent ablation
+(``minibatches = 1``): both recompute every trajectory once, so the difference is the smaller matmuls, the extra
+optimizer steps and gradient syncs.
 
     python bench/ippo_iteration.py [--device cpu|cuda] [--quick] [--real-dims] [--reps 3] [--threads 1]
 
 ``--real-dims`` (CUDA only): FLUX.1 sizes (hidden 3072, 19+38 blocks, LoRA r512, MoE 4x r128, bf16, block
 checkpointing) at 512 px with two 320 px references and 512 text tokens; the update runs in micro-batches of 4.
 
-Last line: JSON with rollout_s, reward_s, update_s (medians) and update_over_rollout.
+Last line: JSON with rollout_s, reward_s, update_s (medians, 4 mini-batches), update_one_step_s,
+update_over_rollout and minibatches_over_one_step.
 """
 
 from __future__ import annotations
@@ -99,33 +104,42 @@ def main() -> None:
     window = WindowSchedule(num_steps=STEPS, size=WINDOW, shift_interval=1)
     sigmas = sigma_schedule(STEPS, image_seq_len=(sizes.resolution // 16) ** 2)
     rollout_cfg = RolloutConfig(group_size=GROUP_SIZE)
-    times: dict[str, list[float]] = {"rollout": [], "reward": [], "update": []}
+    times: dict[str, list[float]] = {"rollout": [], "reward": [], "update": [], "update_one_step": []}
     for it in range(args.reps + 1):
         if it == 1:
             harness.reset_peak(device)  # the peak of the timed iterations, weights and optimizer state included
-        gens = [torch.Generator().manual_seed(100 * it + g) for g in range(GROUPS)]
-        result = ippo_iteration(policy, params, optimizer, groups, {"brightness": brightness}, {"brightness": 1.0},
-                                rollout_cfg, GSPOConfig(), sigmas, window.steps(it % (window.last_start + 1)), gens,
-                                micro_batch=sizes.micro_batch, grad_clip=1.0, device=device)
-        if it > 0:  # the first iteration warms up allocators and caches
-            for name, seconds in result.seconds.items():
-                times[name].append(seconds)
+        for minibatches in (4, 1):  # interleaved, so machine noise hits both alike
+            gens = [torch.Generator().manual_seed(100 * it + g) for g in range(GROUPS)]
+            result = ippo_iteration(policy, params, optimizer, groups, {"brightness": brightness}, {"brightness": 1.0},
+                                    rollout_cfg, GSPOConfig(minibatches=minibatches), sigmas,
+                                    window.steps(it % (window.last_start + 1)), gens,
+                                    micro_batch=sizes.micro_batch, grad_clip=1.0, device=device)
+            if it == 0:  # the first iteration warms up allocators and caches
+                continue
+            if minibatches == 1:
+                times["update_one_step"].append(result.seconds["update"])
+            else:
+                for name, seconds in result.seconds.items():
+                    times[name].append(seconds)
     median = {name: statistics.median(v) for name, v in times.items()}
-    total = sum(median.values())
+    total = median["rollout"] + median["reward"] + median["update"]
     trainable = sum(p.numel() for p in params)
     print(f"IPPO iteration on {device}: Flux hidden {cfg.model.tiny_hidden}, {cfg.model.tiny_depth}+"
           f"{cfg.model.tiny_depth_single} blocks, {trainable} trainable params; {GROUPS} groups x {GROUP_SIZE} images at "
           f"{sizes.resolution} px, 2 refs at {sizes.ref} px, K = {STEPS} steps, window {WINDOW}; median of {args.reps}")
-    print(f"{'phase':<10}{'seconds':>10}{'share':>9}")
-    for name, seconds in median.items():
-        print(f"{name:<10}{seconds:>10.3f}{seconds / total:>9.1%}")
+    print(f"{'phase':<34}{'seconds':>10}{'share':>9}")
+    for name, label in (("rollout", "rollout"), ("reward", "reward"), ("update", "update (GSPO, 4 mini-batch steps)")):
+        print(f"{label:<34}{median[name]:>10.3f}{median[name] / total:>9.1%}")
+    print(f"{'update (1 step, GRPO-equivalent)':<34}{median['update_one_step']:>10.3f}")
     ratio = median["update"] / median["rollout"]
+    steps_ratio = median["update"] / median["update_one_step"]
     peak = harness.peak_mib(device)
     if peak is not None:
         print(f"peak CUDA memory: {peak} MiB")
-    print(f"update / rollout = {ratio:.2f} (target <= 1)")
+    print(f"update / rollout = {ratio:.2f} (target <= 1); 4 mini-batch steps / 1 step = {steps_ratio:.2f}")
     print(json.dumps({"rollout_s": round(median["rollout"], 4), "reward_s": round(median["reward"], 4),
-                      "update_s": round(median["update"], 4), "update_over_rollout": round(ratio, 3),
+                      "update_s": round(median["update"], 4), "update_one_step_s": round(median["update_one_step"], 4),
+                      "update_over_rollout": round(ratio, 3), "minibatches_over_one_step": round(steps_ratio, 3),
                       "peak_mib": peak, "device": device.type, "real_dims": args.real_dims}))
 
 

@@ -26,10 +26,12 @@ from ..attention.attention_maps import (
     reference_attention_maps,
 )
 from ..attention.binding import active_ownership
+from ..attention.checks import check_image_batch, quote
 from ..attention.families import ModelFamily, TokenLayout
 from ..attention.layout import TokenGrid
 from .binding import ReferenceBindingPatch
 from .families import require_family
+from .inputs import check_inputs
 from .types import CATEGORY, FLUX_REFERENCES, LAYOUT, PREFIX, SUBJECTS
 
 NODE_NAME = "Subject Attention Maps"
@@ -141,9 +143,9 @@ def parse_percents(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {text!r}") from None
+        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {quote(repr(text))}") from None
     if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {text!r}")
+        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {quote(repr(text))}")
     return values
 
 
@@ -232,6 +234,9 @@ class SubjectAttentionMaps(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, at_percent, direction, include_single_blocks, seed, references=None,
                 subjects=None, layout=None, image=None) -> io.NodeOutput:
+        check_inputs(cls, direction=direction, seed=seed)
+        if image is not None:
+            check_image_batch("image", image)
         heat, pixels, _ = subject_attention_maps(model, positive, latent, at_percent, direction,
                                                  include_single_blocks, seed, references, subjects, layout, image)
         return io.NodeOutput(heat, pixels, ui=ui.PreviewImage(heat, cls=cls))

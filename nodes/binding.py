@@ -24,9 +24,9 @@ from ..attention.binding import (
     CallBinding,
     SubjectBinding,
     choose_implementation,
+    combine_with_mask,
 )
 from ..attention.families import ModelFamily, TokenLayout
-from ..attention.reference_attention import combine_with_mask
 from .families import double_block_calls, require_family
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS
 
@@ -115,9 +115,9 @@ class ReferenceBindingPatch:
                     self.family.reference_sources)
                 if binding is not None:
                     impl = choose_implementation(self.plan.config, q.device, mask is not None)
-                    # the split replaces the attention call, so only when nothing else must see or run it
-                    observed = getattr(func, "observes_attention", False)
-                    if impl == "split" and self.observer is None and self.previous_override is None and not observed:
+                    # the split computes attention itself: only where nobody later in the chain must see the call
+                    observed = self.observer is not None or getattr(func, "observes_attention", False)
+                    if impl == "split" and not observed and self.previous_override is None:
                         return _split(binding, q, k, v, heads, skip)
                     kwargs["mask"] = combine_with_mask(binding.bias(), mask)
                 if self.observer is not None:
@@ -135,7 +135,7 @@ class ReferenceBindingPatch:
                 self.observer(q4, k4, call.layout, kw.get("mask"), is_double)
             return func(q, k, v, heads, *rest, **kw)
 
-        observe_then_attend.observes_attention = True  # an inner binding patch keeps the mask path for it
+        observe_then_attend.observes_attention = True  # an earlier patch in the chain must keep the float-mask path
         return observe_then_attend
 
 

@@ -20,6 +20,7 @@ from ..attention.unope import (
 )
 from .binding import ReferenceBindingPatch
 from .families import require_flux
+from .inputs import check_inputs
 from .types import CATEGORY, FLUX_REFERENCES, LAYOUT, PREFIX, SUBJECTS
 
 # references
@@ -102,6 +103,7 @@ class MultiCrafterReferences(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, subjects, vae, reference_size, keep_aspect) -> io.NodeOutput:
+        check_inputs(cls, reference_size=reference_size)
         latents, refs = encode_references(subjects, vae, int(reference_size), bool(keep_aspect))
         return io.NodeOutput(
             attach_references(positive, latents, "positive"), attach_references(negative, latents, "negative"), refs
@@ -157,6 +159,7 @@ class ApplyMultiCrafter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, references, strength, start_percent, end_percent, layout=None) -> io.NodeOutput:
+        check_inputs(cls, strength=strength, start_percent=start_percent, end_percent=end_percent)
         config = ReferenceAttentionConfig(float(strength), float(start_percent), float(end_percent))
         require_flux(model, "Apply MultiCrafter")
         if layout is not None:

@@ -145,6 +145,7 @@ class IDARCapture:
 
     layout: TokenLayout
     use_checkpoint: bool = False
+    direction: str = "reference_to_image"  # loss.idar_direction (attention.attention_maps.DIRECTIONS)
     maps: list[Tensor] = field(default_factory=list)
 
 
@@ -181,8 +182,10 @@ class FluxBackend(nn.Module):
         super().__init__()
         self.flux = diffusion_model.requires_grad_(False)  # the base stays frozen; only the adapters below train
         self.grad_checkpointing = grad_checkpointing
-        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, lora_paths(self.flux, lora), lora.rank, lora.alpha) \
-            if lora.rank > 0 else {}
+        paths = lora_paths(self.flux, lora) if lora.rank > 0 else []
+        # UNO's single-block LoRA: only the q/k/v outputs of linear1 ([q | k | v | mlp_in]), not the MLP input
+        rows = {p: 3 * self.flux.hidden_size for p in paths if lora.linear1_qkv_only and p.endswith(".linear1")}
+        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, paths, lora.rank, lora.alpha, rows)
         self.moe_config = moe_lora_config(self.flux, moe) if moe is not None and moe.enabled else None
         self.moes: dict[str, MoELoRA] = inject_moe(self.flux, self.moe_config) if self.moe_config else {}
         self.routing: list[tuple[Tensor, Tensor]] = []  # (router logits (T, E), experts (T, k)) of the last forward
@@ -197,15 +200,16 @@ class FluxBackend(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, inputs: FluxInputs, idar_blocks: list[int] | None = None,
-                capture_checkpoint: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """Predict the velocity; with ``idar_blocks`` also return those blocks' reference->image maps.
+                capture_checkpoint: bool = True, idar_direction: str = "reference_to_image") -> tuple[Tensor, list[Tensor]]:
+        """Predict the velocity; with ``idar_blocks`` also return those blocks' per-subject attention maps in
+        ``idar_direction`` (``losses.supervised_maps``).
         ``capture_checkpoint`` recomputes the maps' (B, H, rows, N) probabilities in backward instead of keeping them
         (one extra matmul + softmax per subject and block; q and k are stored anyway).
 
         Shapes:
             returns v (B, C, h, w) and a list of (B, S, L), one per supervised block
         """
-        capture = IDARCapture(token_layout(inputs), capture_checkpoint) if idar_blocks else None
+        capture = IDARCapture(token_layout(inputs), capture_checkpoint, idar_direction) if idar_blocks else None
         self.routing.clear()
         options = self._transformer_options(capture, set(idar_blocks or ()))
         batch = inputs.x_t.shape[0]
@@ -285,7 +289,8 @@ class _IDARAttention:
     def __call__(self, func, q, k, v, heads, **kwargs):
         options = kwargs.get("transformer_options") or {}
         if options.get(IDAR_BLOCK_KEY) is not None:
-            self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint))
+            self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint,
+                                                     self.capture.direction))
         return func(q, k, v, heads, **kwargs)
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..attention.moe_lora import load_balancing_loss
 from ..attention.weights import LoRAConfig as WeightsLoRAConfig
 from ..attention.weights import (
     LoRAPair,
@@ -49,7 +48,7 @@ from .distributed import (
     shard_flux,
     teardown_distributed,
 )
-from .losses import flow_loss, idar_loss, noised, router_load, sample_timesteps
+from .losses import balance_loss, flow_loss, idar_loss, noised, router_load, sample_timesteps
 
 EXPORT_NAME = "multicrafter_idar.safetensors"
 log = logging.getLogger("multisubject.train")
@@ -156,7 +155,8 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
     inputs = FluxInputs(x_t, t.to(device), batch.context, batch.pooled, batch.refs, cfg.model.guidance)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.run.precision == "bf16" else nullcontext()
     with autocast:
-        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=True)
+        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=True,
+                          idar_direction=cfg.loss.idar_direction)
     terms = {"flow": flow_loss(v, noise.to(device), batch.x0)}
     total = terms["flow"]
     if maps:
@@ -166,7 +166,7 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
         if cfg.loss.idar_weight > 0:
             total = total + cfg.loss.idar_weight * terms["idar"]
     if backend.routing:
-        terms["balance"] = torch.stack([load_balancing_loss(lg, ex) for lg, ex in backend.routing]).mean()
+        terms["balance"] = balance_loss(backend.routing)  # summed over MoE layers, as Switch
         terms["router_load"] = torch.stack([router_load(ex, lg.shape[-1]) for lg, ex in backend.routing]).mean(0)
         if cfg.moe.balance_weight > 0:
             total = total + cfg.moe.balance_weight * terms["balance"]
@@ -393,7 +393,7 @@ def export_weights(backend, cfg: IDARConfig, path: str | Path, write: bool = Tru
     def tensor(module, attr: str) -> Tensor:
         return full[f"{prefixes[id(module)]}.{attr}"].float()
 
-    lora = {p: LoRAPair(tensor(m, "lora_A"), tensor(m, "lora_B")) for p, m in backend.loras.items()}
+    lora = {p: LoRAPair(tensor(m, "lora_A"), m.exported_B(tensor(m, "lora_B"))) for p, m in backend.loras.items()}
     lora_config = WeightsLoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha or float(cfg.lora.rank),
                                     targets=tuple(lora)) if lora else WeightsLoRAConfig(targets=())
     moe_config = backend.moe_config or MoELoRAConfig(targets=())
@@ -444,7 +444,7 @@ def evaluate_dice(backend, cache: LatentCache, cfg: IDARConfig, ids: list[int] |
 
             inputs = FluxInputs(noised(batch.x0, noise, t.to(device)), t.to(device), batch.context, batch.pooled,
                                 batch.refs, cfg.model.guidance)
-            _, maps = backend(inputs, idar_blocks=blocks)
+            _, maps = backend(inputs, idar_blocks=blocks, idar_direction=cfg.loss.idar_direction)
             _, dice = idar_loss(maps, batch.masks, cfg.loss.dice_eps)
             scores.append(dice.mean())
     return float(torch.stack(scores).mean())

@@ -48,7 +48,8 @@ EXPORT_NAME = "multicrafter_ippo.safetensors"
 # config keys that may change when resuming: the IDAR ones, plus where the reward models are and who runs them, and
 # the stage-1 file (the checkpoint's adapters replace it anyway)
 RESUMABLE = RESUMABLE_KEYS + ("reward.clip_dir", "reward.hps_checkpoint", "reward.insightface_root",
-                              "reward.object_model_dir", "reward.device", "reward.ranks", "init.weights")
+                              "reward.object_model_dir", "reward.detector_dir",
+                              "reward.segmenter_dir", "reward.device", "reward.ranks", "init.weights")
 log = logging.getLogger("multisubject.train")
 
 
@@ -76,7 +77,7 @@ def load_prompts(cfg: IPPOConfig) -> list[PromptGroup]:
     manifest = Path(cfg.data.manifest)
     rows = read_manifest(manifest)  # refuses to start on missing files, with line numbers
     cache = LatentCache(cfg.data.cache_dir or manifest.parent / "cache", file_hash(manifest))
-    return load_prompt_groups(rows, cache, cfg.reward.use_layout)
+    return load_prompt_groups(rows, cache)
 
 
 def prompt_buckets(groups: list[PromptGroup]) -> dict[tuple, list[int]]:
