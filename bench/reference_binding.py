@@ -15,7 +15,7 @@ median of the per-repetition paired ratios.
     python bench/reference_binding.py [--device cpu|cuda] [--quick] [--reps N] [--heads N] [--strength S]
                                       [--families flux,qwen_image,omnigen2] [--dtype float32|bfloat16|float16]
 
-``--quick`` keeps every token count and head dim but runs 4 heads per family and 2 repetitions: the bias is one
+``--quick`` keeps every token count and head dim but runs 2 heads per family and 2 repetitions: the bias is one
 (N, N) mask broadcast over heads and the split's extra work is per head too, so the ratio barely depends on the head
 count (use the default on a GPU). The defaults already are real dims, so ``--real-dims`` changes nothing.
 """
@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=None, help="default 5, 2 with --quick")
     parser.add_argument("--heads", type=int, default=None,
-                        help="heads per family (default: the real model's; 4 with --quick)")
+                        help="heads per family (default: the real model's; 2 with --quick)")
     parser.add_argument("--strength", type=float, default=1.0,
                         help="binding strength (1 = hard, the default; below 1 the split merges biased blocks)")
     parser.add_argument("--families", default=",".join(SHAPES), help="comma-separated, default %(default)s")
@@ -111,7 +111,7 @@ def main() -> None:
     calls, info = {}, {}
     for name in names:
         shape = SHAPES[name]
-        heads = args.heads or (4 if args.quick else shape.heads)
+        heads = args.heads or (2 if args.quick else shape.heads)
         token_layout, run = build(shape, heads, args.strength, dtype, device)
         start = time.perf_counter()
         out = {p: run(p) for p in PATHS}  # warm-up; the first bound call builds and caches the plan's bias / split
