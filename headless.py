@@ -28,11 +28,13 @@ RUN_TIMEOUT = 6 * 3600.0  # a real generation on a slow machine
 # loader inputs that name model files: node type -> {input: ComfyUI model folder}
 MODEL_FILE_INPUTS = {
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "CLIPLoader": {"clip_name": "text_encoders"},
     "CLIPVisionLoader": {"clip_name": "clip_vision"},
     "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
     "MS_LoadMoELoRA": {"lora_name": "loras"},
     "MS_LoadIPAdapter": {"adapter_name": "ipadapter"},
     "LoraLoader": {"lora_name": "loras"},
+    "LoraLoaderModelOnly": {"lora_name": "loras"},
     "UNETLoader": {"unet_name": "diffusion_models"},
     "VAELoader": {"vae_name": "vae"},
 }

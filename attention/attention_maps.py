@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .reference_attention import TokenLayout
+from .families import TokenLayout
 
 DIRECTIONS = ("reference_to_image", "image_to_reference")
 
@@ -63,6 +63,8 @@ def reference_attention_maps(q: Tensor, k: Tensor, layout: TokenLayout, subject_
         out = q.new_zeros(batch, num_subjects, layout.num_img, dtype=torch.float32)
         counts = [0] * num_subjects
         for (start, end), subject in zip(layout.reference_spans, subject_index):
+            if subject < 0:  # a reference of no subject
+                continue
             for s in range(start, end, chunk):
                 e = min(s + chunk, end)
                 probs = _logits(q[:, :, s:e], k, _bias_rows(bias, s, e)).softmax(-1)  # (B, H, c, N)
@@ -103,3 +105,48 @@ def maps_to_pixels(maps: Tensor, cell: int, height: int, width: int) -> Tensor:
     if maps.shape[-2] * cell < height or maps.shape[-1] * cell < width:
         raise ValueError(f"{maps.shape[-2]}x{maps.shape[-1]} token maps of {cell} px cells do not cover {width}x{height}")
     return maps.repeat_interleave(cell, -2).repeat_interleave(cell, -1)[..., :height, :width]
+
+
+def leak_shares(maps: Tensor, owned: Tensor) -> Tensor:
+    """Share of each subject's attention mass that falls on image tokens outside its region (0 = none, 1 = all).
+
+    ``maps`` are the raw (unnormalised) maps of ``reference_attention_maps``; ``owned`` the layout's exclusive token
+    ownership (who owns each image token after priority compositing). A subject with no attention mass gets NaN.
+
+    Shapes:
+        maps: (B, S, L); owned: (S, L) bool; returns (B, S) float32
+    """
+    if owned.shape != maps.shape[1:]:
+        raise ValueError(f"ownership {tuple(owned.shape)} does not match the maps' (subjects, tokens) "
+                         f"{tuple(maps.shape[1:])}")
+    maps = maps.float()
+    total = maps.sum(-1)
+    outside = (maps * (~owned).to(maps.device).float()).sum(-1)
+    return torch.where(total > 0, outside / total.clamp(min=1e-30), torch.full_like(total, float("nan")))
+
+
+def caption(images: Tensor, texts: list[str]) -> Tensor:
+    """Write one line of text in the top-left corner of each image, white on a dark box (Pillow's built-in font).
+
+    Shapes: images (N, H, W, 3) in [0, 1], one text each; returns (N, H, W, 3)
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(texts) != images.shape[0]:
+        raise ValueError(f"{len(texts)} captions for {images.shape[0]} images")
+    out = images.clone()
+    for image, text in zip(out, texts):
+        height, width = image.shape[:2]
+        size = max(10, min(height, width) // 24)
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+            font = ImageFont.load_default()
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        _, _, right, bottom = probe.textbbox((3, 2), text, font=font)
+        box_w, box_h = min(width, right + 3), min(height, bottom + 3)
+        box = Image.new("RGB", (box_w, box_h), (0, 0, 0))  # only the box is redrawn; the rest keeps its exact values
+        ImageDraw.Draw(box).text((3, 2), text, fill=(255, 255, 255), font=font)
+        image[:box_h, :box_w] = torch.from_numpy(np.asarray(box).copy()).to(image.device, image.dtype) / 255.0
+    return out

@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .anyms import ApplyAnyMS, EncodeSubjects, LoadIPAdapter
+from .attention_maps import SubjectAttentionMaps
 from .binding import BindReferences
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
 from .moe_lora import LoadMoELoRA
-from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
+from .multicrafter import ApplyMultiCrafter, MultiCrafterReferences
 from .scoring import ScoreIdentity
 from .subjects import SubjectNode
 
@@ -25,8 +26,8 @@ NODES: list[type[io.ComfyNode]] = [
     MultiCrafterReferences,
     LoadMoELoRA,
     ApplyMultiCrafter,
-    MultiCrafterAttentionMaps,
     BindReferences,
+    SubjectAttentionMaps,
     ScoreIdentity,
 ]
 

@@ -310,12 +310,12 @@ def test_attention_map_node_gives_one_heatmap_and_mask_per_subject(comfy, flux, 
     pos, neg, refs = _references(comfy, vae, _subjects((1, 2)))
     latent = {"samples": torch.randn(1, 16, 8, 10)}
     node = _node(comfy, "MS_MultiCrafterAttentionMaps")
-    out = node.execute(flux, pos, latent, refs, "0.3, 0.6", "reference_to_image", False, 0)
+    out = node.execute(flux, pos, latent, "0.3, 0.6", "reference_to_image", False, 0, references=refs)
     heat, masks = out.result
     assert heat.shape == (2, 64, 80, 3) and masks.shape == (2, 64, 80)
     assert masks.min() >= 0 and masks.max() <= 1 and torch.allclose(masks.flatten(1).amax(1), torch.ones(2), atol=1e-4)
     image = torch.rand(1, 64, 80, 3)
-    over = node.execute(flux, pos, latent, refs, "0.5", "reference_to_image", True, 0, image=image).result[0]
+    over = node.execute(flux, pos, latent, "0.5", "reference_to_image", True, 0, references=refs, image=image).result[0]
     assert over.shape == (2, 64, 80, 3)
 
 
@@ -324,7 +324,8 @@ def test_hard_block_shows_as_zero_image_to_reference_attention_outside_each_regi
     layout = Layout.from_boxes(80, 64, [(0, 0, 0.4, 1), (0.6, 0, 1, 1)])
     model = _apply(comfy, flux, refs, layout)
     masks = _node(comfy, "MS_MultiCrafterAttentionMaps").execute(
-        model, pos, {"samples": torch.randn(1, 16, 8, 10)}, refs, "0.5", "image_to_reference", True, 0).result[1]
+        model, pos, {"samples": torch.randn(1, 16, 8, 10)}, "0.5", "image_to_reference", True, 0,
+        references=refs).result[1]
     # token columns (16 px each): subject 0 owns columns 0-1, subject 1 columns 3-4 of the 5-column grid
     assert masks[0, :, 32:].max() == 0 and masks[0, :, :32].min() > 0
     assert masks[1, :, :48].max() == 0 and masks[1, :, 48:].min() > 0
