@@ -18,13 +18,21 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import DataConfig
-from .data import ManifestRow, assign_bucket, fit_to_bucket, load_image, load_mask, make_buckets, mask_tokens
+from .data import (
+    ManifestRow,
+    assign_bucket,
+    fit_to_bucket,
+    image_size,
+    load_image,
+    load_mask,
+    make_buckets,
+    mask_tokens,
+)
 
 SHARD_ENTRIES = 512  # cache entries per shard file
 
@@ -89,8 +97,7 @@ def text_hash(text: str) -> str:
 
 
 def sample_keys(row: ManifestRow, cfg: DataConfig, encoder_name: str) -> SampleKeys:
-    with Image.open(row.image) as im:
-        bucket = assign_bucket(*im.size, make_buckets(cfg.resolution, cfg.max_aspect))
+    bucket = assign_bucket(*image_size(row.image), make_buckets(cfg.resolution, cfg.max_aspect))
     geometry = f"{bucket[0]}x{bucket[1]}"
     return SampleKeys(
         line=row.line,

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention.moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN
 from ..attention.reference_attention import TokenLayout
-from .config import LoRAConfig, ModelConfig, MoEConfig
+from ..attention.weights import LoRAConfig
+from .config import ModelConfig
 from .lora import LoRALinear, get_submodule_parent, inject_lora
 from .losses import supervised_maps
 
@@ -103,29 +104,6 @@ def load_flux(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 
     return patcher
 
 
-def lora_paths(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Dotted paths of the Linear layers that get an attention LoRA (spec §2.4: attention of all blocks)."""
-    paths = []
-    for i in range(len(model.double_blocks)):
-        if not cfg.double_blocks or i in cfg.double_blocks:
-            paths += [f"double_blocks.{i}.{t}" for t in cfg.targets if "attn" in t]
-    for i in range(len(model.single_blocks)):
-        if not cfg.single_blocks or i in cfg.single_blocks:
-            paths += [f"single_blocks.{i}.{t}" for t in cfg.targets if t in ("linear1", "linear2")]
-    return paths
-
-
-def moe_lora_config(model: nn.Module, cfg: MoEConfig) -> MoELoRAConfig:
-    """The ``attention.moe_lora`` config for this model: image-stream FFNs of the chosen double blocks (spec §4.2)."""
-    depth = len(model.double_blocks)
-    bad = [i for i in cfg.blocks if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"moe.blocks {bad} do not exist; this model has double blocks 0..{depth - 1}")
-    blocks = cfg.blocks or tuple(range(depth))
-    return MoELoRAConfig(num_experts=cfg.num_experts, rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank),
-                         top_k=cfg.top_k, routing=cfg.routing, targets=tuple(f"double_blocks.{i}.img_mlp" for i in blocks))
-
-
 def inject_moe(model: nn.Module, config: MoELoRAConfig) -> dict[str, MoELoRA]:
     """Wrap each target FFN as ``MoELoRAFFN(base, MoELoRA)``; returns the MoE modules by path."""
     out = {}
@@ -176,15 +154,17 @@ class FluxBackend(nn.Module):
     """ComfyUI's Flux with attention LoRA, run with the hooks IDAR needs. ``trainable_parameters()`` is what the
     optimizer sees; the base stays frozen."""
 
-    def __init__(self, diffusion_model: nn.Module, lora: LoRAConfig, moe: MoEConfig | None = None,
+    def __init__(self, diffusion_model: nn.Module, lora: LoRAConfig | None, moe: MoELoRAConfig | None = None,
                  grad_checkpointing: bool = False) -> None:
+        """``lora``/``moe``: the core adapter configs with their module paths (a trainer config's ``to_core``);
+        None = no such adapter."""
         super().__init__()
         self.flux = diffusion_model.requires_grad_(False)  # the base stays frozen; only the adapters below train
         self.grad_checkpointing = grad_checkpointing
-        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, lora_paths(self.flux, lora), lora.rank, lora.alpha) \
-            if lora.rank > 0 else {}
-        self.moe_config = moe_lora_config(self.flux, moe) if moe is not None and moe.enabled else None
-        self.moes: dict[str, MoELoRA] = inject_moe(self.flux, self.moe_config) if self.moe_config else {}
+        self.lora_config, self.moe_config = lora, moe
+        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, list(lora.targets), lora.rank, lora.alpha) \
+            if lora is not None else {}
+        self.moes: dict[str, MoELoRA] = inject_moe(self.flux, moe) if moe is not None else {}
         self.routing: list[tuple[Tensor, Tensor]] = []  # (router logits (T, E), experts (T, k)) of the last forward
         for module in self.moes.values():
             module.router_logits_hooks.append(lambda logits, experts: self.routing.append((logits, experts)))
