@@ -204,10 +204,11 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
                 save(backend, optimizer, scheduler, pos, config, cfg.run, info)
                 saved_step = pos.step
-            if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
+            preview = observers.preview_path(pos.step, "step")
+            if preview is not None:
                 from .preview import write_preview
 
-                write_preview(backend, cache, epoch_cache[1][0][0], cfg, blocks, out_dir / "samples" / f"step_{pos.step:08d}.png")
+                write_preview(backend, cache, epoch_cache[1][0][0], cfg, blocks, preview)
         if saved_step != pos.step:
             save(backend, optimizer, scheduler, pos, config, cfg.run, info)
         if sigterm.requested:

@@ -161,8 +161,9 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
             _log(observers, result, scheduler.get_last_lr()[0], pos.step, info, group)
             sigterm.requested = any_rank(sigterm.requested, info, group)  # every generator stops after the same iteration
-            if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
-                _preview(result, mine, cfg, out_dir / "samples" / f"iter_{pos.step:08d}.png")
+            preview = observers.preview_path(pos.step, "iter")
+            if preview is not None:
+                _preview(result, mine, cfg, preview)
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
                 save(policy.backend, optimizer, scheduler, pos, config, cfg.run, world)  # world: scorers join barriers
                 saved_step = pos.step

@@ -153,13 +153,13 @@ class SigtermGuard:
 # observers
 
 class Observers:
-    """TensorBoard writer and tqdm bar of the main rank (both absent on the others, or when not installed).
-
-    ``with Observers(...) as obs:``; the run's resolved config is written to ``out_dir/config.json``."""
+    """TensorBoard writer, tqdm bar and preview paths of the main rank (the writer and bar are absent on the other
+    ranks, or when not installed). ``with Observers(...) as obs:``; the run's resolved config is written to
+    ``out_dir/config.json``."""
 
     def __init__(self, config: dict[str, Any], run: RunConfig, info: DistInfo, step: int, desc: str) -> None:
         self.writer = self.bar = None
-        self.log_every = run.log_every
+        self.run, self.is_main = run, info.is_main
         if not info.is_main:
             return
         out_dir = Path(run.out_dir)
@@ -195,7 +195,14 @@ class Observers:
 
     def scalars(self, values: Mapping[str, Tensor | float], step: int) -> None:
         """Write scalar ``values`` at ``step`` when ``run.log_every`` says so."""
-        if self.writer is None or not self.log_every or step % self.log_every:
+        if self.writer is None or not self.run.log_every or step % self.run.log_every:
             return
         for key, value in values.items():
             self.writer.add_scalar(key, float(value), step)
+
+    def preview_path(self, step: int, prefix: str) -> Path | None:
+        """Where this step's preview PNG goes (``out_dir/samples/<prefix>_<step>.png``) when ``run.sample_every``
+        says one is due and this is the main rank; else None."""
+        if not self.is_main or not self.run.sample_every or step % self.run.sample_every:
+            return None
+        return Path(self.run.out_dir) / "samples" / f"{prefix}_{step:08d}.png"

@@ -79,7 +79,7 @@ def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(c
     assert cli(["train", "ippo", *args]) == 0
     exported = out / "multicrafter_ippo.safetensors"
     weights = load_multicrafter_weights(exported)
-    assert weights.train_config["sampler"]["group_size"] == 4 and weights.train_config["reward"]["weights"] == {"brightness": 1.0}
+    assert weights.train_config["sampler"]["rollout"]["group_size"] == 4 and weights.train_config["reward"]["weights"] == {"brightness": 1.0}
     assert (out / "samples" / "iter_00000002.png").is_file()
     events = list((out / "tensorboard").iterdir())
     assert events
