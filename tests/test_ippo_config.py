@@ -120,3 +120,16 @@ def test_the_trainer_key_says_which_config_and_a_missing_one_is_deprecated(tmp_p
         load_trainer_config(explicit, [], expected="idar")
     with pytest.raises(ValueError, match="is not a trainer"):
         load_trainer_config(explicit, ["--trainer=gan"])
+
+
+def test_a_config_saved_by_an_earlier_version_is_upgraded_to_what_this_version_saves():
+    from multisubject.train.cli import upgrade_config_dict
+
+    now = load_ippo_config(None, ["--model.tiny=true", "--sampler.rollout.group_size=6"]).to_dict()
+    old = {k: v for k, v in now.items() if k != "trainer"}  # no trainer key, flat sampler keys
+    old["sampler"] = {"num_steps": 16, "window_size": 2, "shift_interval": 50, "stride": 1, "roll_back": False,
+                      "noise_level": 0.7, "group_size": 6, "groups_per_rank": 1, "same_noise_per_group": False,
+                      "guidance": 3.5, "time_shift": True}
+    assert upgrade_config_dict(old) == now
+    idar = load_trainer_config(None, ["--model.tiny=true"]).to_dict()
+    assert upgrade_config_dict({k: v for k, v in idar.items() if k != "trainer"}) == idar
