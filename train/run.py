@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backend import load_trainable
 from .checkpoint import (
     CONVERT_HINT,
     checkpoint_root,
@@ -105,8 +106,6 @@ def prepare_checkpoints(run: RunConfig, resume: Path | None, info: DistInfo) -> 
 
 def restore(path: Path, config: dict[str, Any], resumable: tuple[str, ...], backend, optimizer, scheduler) -> Position:
     """Load checkpoint ``path`` into the adapters, optimizer and scheduler; restore the RNG states last."""
-    from .backend import load_trainable
-
     state = load_checkpoint(path, config, resumable)
     load_trainable(backend, state["trainable"], path)
     params = [p for _, p in backend.trainable_parameters()]
