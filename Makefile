@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 setup:
 	@bash scripts/setup.sh
 
-# main job: ComfyUI headless + this pack runs the shipped layout-preview workflow; the PNG lands in output/
+# main job: ComfyUI headless + this pack runs the AnyMS SDXL workflow when its model files are in ComfyUI's models
+# folders, else the layout preview (after listing the missing files and their folders); images land in output/.
+# `make run WORKFLOW=<name>` runs any workflow in workflows/api.
+WORKFLOW ?=
 run: setup
-	$(PY) -m multisubject run-workflow layout_preview --out output
+	$(PY) -m multisubject run-workflow $(WORKFLOW) --out output
 
 test: setup
 	$(PY) -m pytest
@@ -18,4 +21,4 @@ lint: setup
 
 # regenerate the UI-format workflows/*.json from their API twins in workflows/api/
 workflows: setup
-	$(PY) tests/workflow_tools.py
+	$(PY) scripts/workflow_tools.py

@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> int:
         "run-workflow",
         help="start ComfyUI headless with this pack, run a shipped API workflow and save its images",
     )
-    run.add_argument("name", nargs="?", default="layout_preview", help="workflow in workflows/api (default: %(default)s)")
+    run.add_argument(
+        "name", nargs="?", default=None,
+        help="workflow in workflows/api (default: anyms_sdxl when its model files are in ComfyUI's models folders, "
+        "else layout_preview, after listing the missing files and their folders)",
+    )
     run.add_argument("--out", type=Path, default=Path("output"), help="folder for the images (default: %(default)s)")
     from .scoring.cli import add_eval_parser
     from .train.cli import add_commands, run_command
@@ -28,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "run-workflow":
-        from .headless import run_workflow_to_files
+        from .headless import run_main_job, run_workflow_to_files
 
         try:
-            paths = run_workflow_to_files(args.name, args.out)
+            paths = run_workflow_to_files(args.name, args.out) if args.name else run_main_job(args.out)
         except (RuntimeError, FileNotFoundError, TimeoutError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

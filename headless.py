@@ -26,6 +26,21 @@ from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent
 PACK_NAME = "multisubject"
+MAIN_WORKFLOW, FALLBACK_WORKFLOW = "anyms_sdxl", "layout_preview"  # `make run`: generate, else preview the layout
+RUN_TIMEOUT = 6 * 3600.0  # a real generation on a slow machine
+
+# loader inputs that name model files: node type -> {input: ComfyUI model folder}
+MODEL_FILE_INPUTS = {
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "CLIPVisionLoader": {"clip_name": "clip_vision"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "MS_LoadMoELoRA": {"lora_name": "loras"},
+    "MS_LoadIPAdapter": {"adapter_name": "ipadapter"},
+    "LoraLoader": {"lora_name": "loras"},
+    "UNETLoader": {"unet_name": "diffusion_models"},
+    "VAELoader": {"vae_name": "vae"},
+}
+LEGACY_FOLDERS = {"text_encoders": ("clip",), "diffusion_models": ("unet",)}  # ComfyUI still reads these too
 
 
 def comfyui_candidates() -> list[Path]:
@@ -68,7 +83,7 @@ class ComfyServer:
     """A ComfyUI server on loopback with this pack (and any extra packs) in a private base directory."""
 
     def __init__(self, comfyui: Path, base_dir: Path, extra_packs: dict[str, Path] | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, models_dir: Path | None = None) -> None:
         self.comfyui = comfyui
         self.base_dir = base_dir
         self.port = _free_port()
@@ -80,6 +95,8 @@ class ComfyServer:
             link = custom_nodes / name
             if not link.exists():
                 link.symlink_to(path, target_is_directory=True)
+        if models_dir is not None and models_dir.is_dir() and not (base_dir / "models").exists():
+            (base_dir / "models").symlink_to(models_dir, target_is_directory=True)  # the user's real model files
         self.command = [
             python, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(base_dir), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
@@ -178,9 +195,10 @@ def error_message(entry: dict) -> str:
 
 @contextmanager
 def running_server(extra_packs: dict[str, Path] | None = None, keep_dir: bool = False):
+    """A fresh server in a temporary base directory that sees the models folder of the ComfyUI it runs."""
     comfyui = require_comfyui()
     base_dir = Path(tempfile.mkdtemp(prefix="multisubject-comfy-"))
-    server = ComfyServer(comfyui, base_dir, extra_packs)
+    server = ComfyServer(comfyui, base_dir, extra_packs, models_dir=comfyui / "models")
     try:
         yield server.start()
     finally:
@@ -198,13 +216,39 @@ def load_api_workflow(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def missing_model_files(prompt: dict, models_dir: Path) -> list[tuple[str, Path]]:
+    """(file name, folder it belongs in) for each model file ``prompt`` loads that ``models_dir`` lacks."""
+    missing = []
+    for node in prompt.values():
+        for name, folder in MODEL_FILE_INPUTS.get(node["class_type"], {}).items():
+            file = node["inputs"][name]
+            folders = (folder, *LEGACY_FOLDERS.get(folder, ()))
+            if not any((models_dir / f / file).is_file() for f in folders) and (file, models_dir / folder) not in missing:
+                missing.append((file, models_dir / folder))
+    return missing
+
+
+def run_main_job(out_dir: Path, log=print) -> list[Path]:
+    """`make run`: the AnyMS SDXL workflow when its model files are there, else the layout preview (and say why)."""
+    models_dir = require_comfyui() / "models"
+    missing = missing_model_files(load_api_workflow(MAIN_WORKFLOW), models_dir)
+    if not missing:
+        log(f"running {MAIN_WORKFLOW} (all its model files are in {models_dir})")
+        return run_workflow_to_files(MAIN_WORKFLOW, out_dir)
+    log(f"{MAIN_WORKFLOW} needs model files that are not there yet; put each in its folder:")
+    for file, folder in missing:
+        log(f"  {file}  ->  {folder}/")
+    log(f"running {FALLBACK_WORKFLOW} instead (no models needed); run `make run` again once the files are in place")
+    return run_workflow_to_files(FALLBACK_WORKFLOW, out_dir)
+
+
 def run_workflow_to_files(name: str, out_dir: Path) -> list[Path]:
     """Run a shipped API workflow on a fresh headless server; save every output image under ``out_dir``."""
     prompt = load_api_workflow(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with running_server() as server:
-        entry = server.run(prompt)
+        entry = server.run(prompt, timeout=RUN_TIMEOUT)
         for node_id, output in sorted(entry["outputs"].items()):
             for i, image in enumerate(output.get("images", [])):
                 if image.get("type") != "output":

@@ -9,9 +9,11 @@ Shape legend (used in every ``Shapes:`` block of this package):
 """
 
 from .attention_maps import normalize_maps, reference_attention_maps
-from .layout import Layout, Region, TokenGrid, composite_by_priority, region_token_masks
+from .binding import BindingConfig, BindingPlan, CallBinding, SubjectBinding
+from .families import FAMILIES, FLUX, OMNIGEN2, QWEN_IMAGE, ModelFamily, TokenLayout, family_for_class
+from .layout import Layout, Region, TokenGrid, composite_ownership, region_areas, region_token_masks
 from .moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN, load_balancing_loss
-from .reference_attention import ReferenceAttentionConfig, TokenLayout, reference_attention_bias
+from .reference_attention import ReferenceAttentionConfig
 from .subjects import Subject, Subjects
 from .unope import FluxReferences, unope_ids
 from .weights import (
@@ -25,11 +27,20 @@ from .weights import (
 )
 
 __all__ = [
+    "BindingConfig",
+    "BindingPlan",
+    "CallBinding",
+    "SubjectBinding",
+    "FAMILIES",
+    "FLUX",
+    "OMNIGEN2",
+    "QWEN_IMAGE",
+    "ModelFamily",
+    "family_for_class",
     "FluxReferences",
     "ReferenceAttentionConfig",
     "TokenLayout",
     "normalize_maps",
-    "reference_attention_bias",
     "reference_attention_maps",
     "unope_ids",
     "LoRAConfig",
@@ -48,6 +59,7 @@ __all__ = [
     "Subject",
     "Subjects",
     "TokenGrid",
-    "composite_by_priority",
+    "composite_ownership",
+    "region_areas",
     "region_token_masks",
 ]

@@ -4,6 +4,8 @@ Global decoupling (Eq. 3): ``Z = Z_text + lambda * Z_image``; text attention is 
 Local decoupling (Eq. 4-6): subject ``j``'s image tokens (IP-Adapter K/V, ``K_j = W'_k c_j``) are
 attended to only by the query tokens of its region; the regions are composited by priority, so
 the top subject owns an overlap, and the background gets no image features (``Z_image`` starts at 0).
+Only the subjects active at the current step (weight > 0, sigma inside their window) take part in
+the compositing, so a switched-off subject changes nothing, exactly as if it were left out.
 
 Because softmax runs over keys, cropping query rows equals computing full attention and keeping
 those rows, so crop-and-merge is exactly "hard exclusive masks after full attention"; computing
@@ -18,6 +20,7 @@ Modes:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ip_adapter import IPAdapter
-from .layout import Layout, Region, TokenGrid, composite_by_priority, region_token_masks
+from .layout import (
+    Layout,
+    Region,
+    TokenGrid,
+    composite_ownership,
+    describe_unowned,
+    region_areas,
+    region_token_masks,
+)
 from .subjects import WEIGHT_RANGE
+
+log = logging.getLogger("multisubject")
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]  # (q, k, v, heads) on (B, N, heads*D) -> (B, N, heads*D)
 SCALE_RANGE = (0.0, 5.0)
@@ -151,12 +164,12 @@ class GridPlan:
     """Token sets of one latent size at one attention resolution, on one device.
 
     Shapes:
-        owned:   S tensors (n_j,) long, the tokens subject j owns after priority compositing
-        regions: (S, L) float 0/1, each subject's full region (non-exclusive), for ``masked_sum``
+        token_masks: (S, L) bool, each subject's full region (non-exclusive), composited per active set
+        regions:     (S, L) float 0/1, the same masks as the attention's factor for ``masked_sum``
     """
 
     grid: TokenGrid
-    owned: tuple[Tensor, ...]
+    token_masks: Tensor
     regions: Tensor
 
 
@@ -164,7 +177,8 @@ class AnyMSPlan:
     """Everything the 70 (or 16) patched sites share: subjects, layout, per-site K/V and grid caches.
 
     Built once per Apply node run; the hot path only looks things up in caches keyed by latent size,
-    sequence length, device and dtype, so per call it does Python work per subject, never per token.
+    sequence length, device, dtype and the set of active subjects, so per call it does Python work per
+    subject, never per token.
     """
 
     def __init__(
@@ -182,6 +196,7 @@ class AnyMSPlan:
             )
         self.subjects = subjects
         self.layout = layout
+        self.areas = region_areas(layout)  # the default overlap order: smaller regions win
         self.config = config
         # (sigma_start, sigma_end): active while sigma_end <= sigma <= sigma_start; None = always
         self.sigma_ranges = sigma_ranges or [(math.inf, 0.0)] * len(subjects)
@@ -190,23 +205,24 @@ class AnyMSPlan:
         self._grids: dict[tuple, GridPlan] = {}
         self._kv: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._branch: dict[tuple, Tensor] = {}
+        self._owned: dict[tuple, tuple[Tensor, ...]] = {}
         self._rows: dict[tuple, tuple[Tensor, ...]] = {}
-        self._last_sigma: tuple[object, list[int]] | None = None
+        self._last_sigma: tuple[object, tuple[int, ...]] | None = None
 
     def __deepcopy__(self, memo: dict) -> AnyMSPlan:
         return self  # ModelPatcher.clone() deep-copies model_options; the plan is shared, never mutated by users
 
     # lookups (cached)
 
-    def active_subjects(self, sigma: Tensor | float | None) -> list[int]:
+    def active_subjects(self, sigma: Tensor | float | None) -> tuple[int, ...]:
         """Subjects with weight > 0 whose start/end range contains ``sigma`` (None = all)."""
         if self._last_sigma is not None and self._last_sigma[0] is sigma:
             return self._last_sigma[1]
         value = None if sigma is None else float(sigma.max()) if isinstance(sigma, Tensor) else float(sigma)
-        active = [
+        active = tuple(
             j for j, (s, (hi, lo)) in enumerate(zip(self.subjects.items, self.sigma_ranges))
             if s.weight > 0 and (value is None or lo <= value <= hi)
-        ]
+        )
         self._last_sigma = (sigma, active)
         return active
 
@@ -216,12 +232,31 @@ class AnyMSPlan:
         if plan is None:
             self.layout.check_aspect(latent_h, latent_w)
             grid = TokenGrid.infer(latent_h, latent_w, num_tokens)
-            masks = region_token_masks(self.layout, grid).reshape(len(self.layout), -1)  # (S, L)
-            exclusive = composite_by_priority(masks, self.subjects.priorities).exclusive  # (S, L)
-            owned = tuple(torch.nonzero(row).squeeze(1).to(device) for row in exclusive)
-            plan = GridPlan(grid=grid, owned=owned, regions=masks.float().to(device))
+            masks = region_token_masks(self.layout, grid).reshape(len(self.layout), -1).to(device)  # (S, L)
+            plan = GridPlan(grid=grid, token_masks=masks, regions=masks.float())
             self._grids[key] = plan
         return plan
+
+    def owned_tokens(self, plan: GridPlan, active: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """The tokens each subject owns when only the ``active`` subjects are composited, cached per active set.
+
+        Warns once per grid and active set about an active subject that owns no token there.
+
+        Shapes:
+            returns S tensors (n_j,) long on the plan's device; empty for inactive subjects
+        """
+        key = (id(plan), active)
+        owned = self._owned.get(key)
+        if owned is None:
+            ownership = composite_ownership(plan.token_masks, self.subjects.priorities, self.areas, active)
+            grid = plan.grid
+            where = f"of the {grid.h}x{grid.w} token grid"
+            labels = [r.label or s.label for s, r in zip(self.subjects.items, self.layout.regions)]  # as the preview
+            for message in describe_unowned(ownership, plan.token_masks, labels, where).values():
+                log.warning("multisubject: AnyMS: %s", message)
+            owned = tuple(torch.nonzero(row).squeeze(1) for row in ownership.exclusive)
+            self._owned[key] = owned
+        return owned
 
     def site_kv(self, site: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Per-subject image K and V of one site, cond and uncond stacked.
@@ -240,21 +275,21 @@ class AnyMSPlan:
             self._kv[key] = kv
         return kv
 
-    def batch_rows(self, plan: GridPlan, batch: int) -> tuple[Tensor, ...]:
-        """Each subject's owned tokens as rows of the flattened ``(B * L, C)`` queries.
+    def batch_rows(self, plan: GridPlan, active: tuple[int, ...], batch: int) -> tuple[Tensor, ...]:
+        """Each subject's owned tokens (``owned_tokens``) as rows of the flattened ``(B * L, C)`` queries.
 
         Gathering rows of a 2-D tensor is several times faster on CPU than ``index_select`` along dim 1.
 
         Shapes:
             returns S tensors (B * n_j,) long
         """
-        key = (id(plan), batch)
+        key = (id(plan), active, batch)
         rows = self._rows.get(key)
         if rows is None:
             num_tokens = plan.grid.num_tokens
             rows = tuple(
                 (torch.arange(batch, device=idx.device)[:, None] * num_tokens + idx[None, :]).reshape(-1)
-                for idx in plan.owned
+                for idx in self.owned_tokens(plan, active)
             )
             self._rows[key] = rows
         return rows
@@ -301,14 +336,15 @@ class AnyMSPlan:
         mode = self.config.mode
         plan = self.grid_plan(latent_hw[0], latent_hw[1], num_tokens, q.device) if mode is not Mode.GLOBAL else None
         if mode is Mode.CROP_MERGE:
-            rows = self.batch_rows(plan, batch)
+            owned = self.owned_tokens(plan, active)
+            rows = self.batch_rows(plan, active, batch)
             q_rows = q.reshape(batch * num_tokens, -1)  # (B * L, C_site)
         for j in active:
             alpha = self.config.scale * self.subjects.items[j].weight
             k_j, v_j = k_all[j][branch], v_all[j][branch]  # (B, T, C_site)
             if mode is Mode.CROP_MERGE:
-                idx = plan.owned[j]
-                if idx.numel() == 0:  # every token overwritten by higher-priority subjects
+                idx = owned[j]
+                if idx.numel() == 0:  # every token taken by higher-ranked subjects (warned once per active set)
                     continue
                 q_j = q_rows.index_select(0, rows[j]).view(batch, idx.numel(), -1)  # (B, n_j, C_site)
                 z = attention(q_j, k_j, v_j, heads)  # (B, n_j, C_site)

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .files import check_weights, read_weight_file
+
 SiteKey = tuple[str, int, int]  # ("input" | "middle" | "output", block id, transformer index): ComfyUI's attn2 key
 
 RESAMPLER_DIM_HEAD = 64  # the reference Resampler always uses 64-wide heads (heads = inner width / 64)
-BIN_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WHAT = "IP-Adapter"  # how loader errors name these files
 
 
 def sdxl_sites() -> tuple[SiteKey, ...]:
@@ -214,16 +216,14 @@ def encoder_hint(adapter: IPAdapter) -> str:
 
 
 def load_adapter_file(path: str | Path) -> IPAdapter:
-    """Read an IP-Adapter ``.safetensors`` or ``.bin`` file and build the adapter it describes."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read an IP-Adapter ``.safetensors`` or ``.bin`` file and build the adapter it describes.
 
-        state = load_file(str(path), device="cpu")
-    elif path.suffix in BIN_SUFFIXES:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"{path.name}: expected a .safetensors or .bin IP-Adapter file, got '{path.suffix}'")
+    Every tensor must be finite float32/float16/bfloat16; a damaged, truncated or pickled-object file is
+    refused with a ``ModelFileError`` naming the file and the fix.
+    """
+    path = Path(path)
+    state = read_weight_file(path, WHAT, convert_hint="use the .safetensors release of this IP-Adapter")
+    check_weights(path, WHAT, state)
     return adapter_from_state_dict(state, name_hint=path.name)
 
 

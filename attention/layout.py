@@ -11,8 +11,9 @@ Rounding rules (documented for users in the README):
   * masks are downsampled by exact area: a token belongs to the region when the region covers at
     least ``MASK_AREA_THRESHOLD`` of the token's area inside the canvas. A mask smaller than that
     everywhere keeps the one token it covers most, so it never vanishes;
-  * overlaps are resolved by ``composite_by_priority``: the highest priority owns a token, equal
-    priorities go to the later subject (layers drawn in subject order).
+  * overlaps are resolved by ``composite_ownership``: the highest priority owns a token; among equal
+    priorities the smaller region owns it (nested and foreground regions win); among equal priorities
+    and equal areas the later subject owns it (see ``overlap_order``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,21 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .checks import quote
+
 log = logging.getLogger("multisubject")
 
 MASK_AREA_THRESHOLD = 0.5  # fraction of a token's in-canvas area a mask must cover to claim it
+# bounds on user input, so one prompt cannot take the server down (README "Safety")
+MAX_REGIONS = 64  # regions per layout; every method's cost grows with the region count
+MAX_BOXES_CHARS = 65536  # box text; 64 boxes with labels and comments fit many times over
+MAX_JSON_DEPTH = 8  # nesting of JSON boxes ([{"box": [...]}] is 3 deep)
 Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 
 
@@ -48,7 +56,7 @@ class Region:
         if (self.box is None) == (self.mask is None):
             raise ValueError("a region is either a box or a mask; give exactly one")
         if self.box is not None:
-            _check_box(self.box, where=f"region '{self.label}'" if self.label else "region")
+            _check_box(self.box, where=f"region '{quote(self.label)}'" if self.label else "region")
         else:
             mask = self.mask
             if not isinstance(mask, Tensor) or mask.ndim != 2:
@@ -57,7 +65,7 @@ class Region:
             if not torch.isfinite(mask).all():
                 raise ValueError("region mask contains NaN or inf values")
             if float(mask.max()) <= 0.0:
-                name = f" '{self.label}'" if self.label else ""
+                name = f" '{quote(self.label)}'" if self.label else ""
                 raise ValueError(
                     f"region mask{name} is all zero, so its subject would have nowhere to go; paint the "
                     "subject's area in the mask or remove the subject"
@@ -66,6 +74,20 @@ class Region:
     @property
     def is_box(self) -> bool:
         return self.box is not None
+
+    def raster(self, height: int, width: int) -> Tensor:
+        """This region drawn on a ``height x width`` picture of the canvas: exact pixel coverage for boxes, area
+        average for masks (nearest when enlarging). Shapes: returns (height, width) float in [0, 1]."""
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            return _coverage_1d(y0 * height, y1 * height, height)[:, None] * _coverage_1d(x0 * width, x1 * width, width)
+        assert self.mask is not None
+        mask = self.mask.float()
+        if tuple(mask.shape) == (height, width):
+            return mask
+        shrink = height <= mask.shape[0] and width <= mask.shape[1]
+        return torch.nn.functional.interpolate(mask[None, None], size=(height, width),
+                                               mode="area" if shrink else "nearest")[0, 0]
 
     def bounding_box(self) -> Box:
         """The region's normalised bounding box (the box itself for box regions)."""
@@ -93,6 +115,7 @@ class Layout:
     def __post_init__(self) -> None:
         if not (isinstance(self.width, int) and isinstance(self.height, int) and self.width > 0 and self.height > 0):
             raise ValueError(f"layout canvas must be positive integer pixels, got {self.width}x{self.height}")
+        check_region_count(len(self.regions))
         for i, region in enumerate(self.regions):
             if region.mask is not None and tuple(region.mask.shape) != (self.height, self.width):
                 raise ValueError(
@@ -151,13 +174,7 @@ class Layout:
         """
         masks = torch.zeros(len(self.regions), self.height, self.width)
         for i, region in enumerate(self.regions):
-            if region.mask is not None:
-                masks[i] = region.mask.float()
-            else:
-                x0, y0, x1, y1 = region.box  # type: ignore[misc]
-                ys = _coverage_1d(y0 * self.height, y1 * self.height, self.height)
-                xs = _coverage_1d(x0 * self.width, x1 * self.width, self.width)
-                masks[i] = ys[:, None] * xs[None, :]
+            masks[i] = region.raster(self.height, self.width)
         return masks
 
     @classmethod
@@ -172,6 +189,7 @@ class Layout:
             masks = masks.unsqueeze(0)
         if masks.ndim != 3:
             raise ValueError(f"expected a mask batch (S, H, W), got shape {tuple(masks.shape)}")
+        check_region_count(masks.shape[0])
         labels = labels or [""] * masks.shape[0]
         regions = []
         for i, (mask, label) in enumerate(zip(masks, labels)):
@@ -184,24 +202,49 @@ class Layout:
         return cls(int(masks.shape[2]), int(masks.shape[1]), tuple(regions))
 
 
-# parsing boxes typed by users
+def check_region_count(count: int) -> None:
+    if count > MAX_REGIONS:
+        raise ValueError(
+            f"a layout holds at most {MAX_REGIONS} regions (one per subject), got {count}; split the scene into "
+            "fewer subjects"
+        )
+
+
+# parsing boxes typed by users or wired in from other packs
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
+PER_MILLE = 1000.0  # Ideogram-style "elements" put boxes on a 0..1000 grid
+
+BOX_FORMATS = (
+    "one box per line 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1' (units as set)",
+    "JSON [[x0, y0, x1, y1], ...] or [{\"box\": [x0, y0, x1, y1], \"label\": \"...\"}, ...] (units as set)",
+    "JSON [{\"x\": .., \"y\": .., \"width\": .., \"height\": ..}, ...] in pixels (core Create Bounding Boxes, "
+    "BOUNDING_BOX lists; a one-frame list of such lists too)",
+    "JSON [{\"bbox\": [ymin, xmin, ymax, xmax], \"desc\": \"...\"}, ...] on a 0..1000 grid (Ideogram-style elements)",
+)
 
 
 def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height: int = 1) -> list[tuple[Box, str]]:
-    """Parse boxes typed in a text widget into normalised boxes with optional labels.
+    """Parse boxes typed in a text widget (or wired in as JSON text) into normalised boxes with optional labels.
 
-    Accepted forms, one box per line (blank lines and lines starting with ``#`` are skipped)::
+    Accepted forms (``BOX_FORMATS``), one box per line (blank lines and lines starting with ``#`` are skipped)::
 
         0.05, 0.20, 0.50, 0.95
         corgi: 0.50, 0.10, 0.95, 0.90
 
-    or a JSON list: ``[[x0, y0, x1, y1], ...]`` or ``[{"box": [x0, y0, x1, y1], "label": "corgi"}, ...]``.
-    ``units="pixels"`` reads the numbers as pixels of a ``width x height`` canvas.
+    or a JSON list: ``[[x0, y0, x1, y1], ...]`` or ``[{"box": [x0, y0, x1, y1], "label": "corgi"}, ...]``, read in
+    ``units``; ``[{"x", "y", "width", "height"}, ...]`` in pixels of the canvas (what core ``CreateBoundingBoxes``
+    and other packs' BOUNDING_BOX lists hold, label from ``label``/``text``/``desc`` or their ``metadata``); or
+    Ideogram-style ``[{"bbox": [ymin, xmin, ymax, xmax], "desc": "corgi"}, ...]`` on a 0..1000 grid.
+    ``units="pixels"`` reads the first forms' numbers as pixels of a ``width x height`` canvas.
     """
     if units not in ("normalized", "pixels"):
         raise ValueError(f"units must be 'normalized' or 'pixels', got {units!r}")
+    if len(text) > MAX_BOXES_CHARS:
+        raise ValueError(
+            f"box text is {len(text)} characters; at most {MAX_BOXES_CHARS} are read (up to {MAX_REGIONS} boxes). "
+            "Give one line per subject"
+        )
     stripped = text.strip()
     if not stripped:
         raise ValueError(
@@ -211,66 +254,123 @@ def parse_boxes(text: str, *, units: str = "normalized", width: int = 1, height:
     raw = _parse_json_boxes(stripped) if stripped[0] in "[{" else _parse_line_boxes(stripped)
     if not raw:
         raise ValueError("no boxes given: every line is blank or a comment")
-    scale = (width, height, width, height) if units == "pixels" else (1, 1, 1, 1)
+    check_region_count(len(raw))
     result = []
-    for where, numbers, label in raw:
-        if units == "pixels":
+    for where, numbers, label, box_units in raw:
+        box_units = box_units or units
+        if box_units == "pixels":
             _check_pixel_box(numbers, width, height, where)
+        scale = {"pixels": (width, height, width, height), "per_mille": (PER_MILLE,) * 4}.get(box_units, (1,) * 4)
         box = tuple(n / s for n, s in zip(numbers, scale))
         _check_box(box, where=where)  # type: ignore[arg-type]
         result.append((box, label))
     return result  # type: ignore[return-value]
 
 
-def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str]]:
+def _formats_hint() -> str:
+    return "Layout from Boxes reads: " + "; ".join(BOX_FORMATS)
+
+
+def _parse_line_boxes(text: str) -> list[tuple[str, list[float], str, str | None]]:
     raw = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         label, _, numbers_text = line.rpartition(":")
-        where = f"line {lineno} ('{line}')"
+        where = f"line {lineno} ('{quote(line)}')"
         tokens = [t for t in re.split(r"[,\s]+", numbers_text.strip()) if t]
         bad = [t for t in tokens if not re.fullmatch(_NUMBER, t, flags=re.IGNORECASE)]
         if bad:
             raise ValueError(
-                f"{where}: '{bad[0]}' is not a number. Write 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1'"
+                f"{where}: '{quote(bad[0], 20)}' is not a number. Write 'x0, y0, x1, y1' or 'label: x0, y0, x1, y1'"
             )
         if len(tokens) != 4:
             raise ValueError(
                 f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(tokens)}. Write one box per line"
             )
-        raw.append((where, [float(t) for t in tokens], label.strip()))
+        raw.append((where, [float(t) for t in tokens], label.strip(), None))
     return raw
 
 
-def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str]]:
+def _parse_json_boxes(text: str) -> list[tuple[str, list[float], str, str | None]]:
+    """(where, numbers as x0, y0, x1, y1, label, units or None for the widget's units) per JSON box."""
+    _check_json_depth(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(
-            f"boxes look like JSON but do not parse: {e.msg} at line {e.lineno} column {e.colno}. Expected "
-            'a list like [[0.1, 0.2, 0.5, 0.9], ...] or [{"box": [...], "label": "corgi"}, ...]'
+            f"boxes look like JSON but do not parse: {e.msg} at line {e.lineno} column {e.colno}. "
+            + _formats_hint()
         ) from None
+    except ValueError as e:  # e.g. an integer longer than Python's digit limit
+        raise ValueError(f"JSON boxes hold a value that cannot be read: {quote(e)}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise ValueError(f"JSON boxes must be a list of boxes, got {type(data).__name__}")
-    raw = []
-    for i, item in enumerate(data):
-        where = f"JSON box {i}"
-        label = ""
-        if isinstance(item, dict):
-            if "box" not in item:
-                raise ValueError(f"{where}: an object needs a 'box' key, got keys {sorted(item)}")
-            label = str(item.get("label", ""))
+        raise ValueError(f"JSON boxes must be a list of boxes, got {type(data).__name__}. " + _formats_hint())
+    if len(data) == 1 and isinstance(data[0], list) and data[0] and all(
+        isinstance(item, dict) for item in data[0]
+    ):
+        data = data[0]  # a BOUNDING_BOX frame list holding one frame
+    return [_json_box(item, f"JSON box {i}") for i, item in enumerate(data)]
+
+
+def _json_box(item, where: str) -> tuple[str, list[float], str, str | None]:
+    label = ""
+    if isinstance(item, dict):
+        label = _json_label(item)
+        if "box" in item:
             item = item["box"]
-        if not isinstance(item, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in item):
-            raise ValueError(f"{where}: expected a list of 4 numbers [x0, y0, x1, y1], got {item!r}")
-        if len(item) != 4:
-            raise ValueError(f"{where}: expected 4 numbers x0, y0, x1, y1, got {len(item)}")
-        raw.append((where, [float(n) for n in item], label))
-    return raw
+        elif all(k in item for k in ("x", "y", "width", "height")):
+            numbers = _json_numbers([item["x"], item["y"], item["width"], item["height"]], where, "x, y, width, height")
+            x, y, w, h = numbers
+            return where, [x, y, x + w, y + h], label, "pixels"
+        elif "bbox" in item:
+            ymin, xmin, ymax, xmax = _json_numbers(item["bbox"], where, "ymin, xmin, ymax, xmax")
+            return where, [xmin, ymin, xmax, ymax], label, "per_mille"
+        else:
+            raise ValueError(
+                f"{where}: an object needs 'box', 'x'/'y'/'width'/'height' or 'bbox' keys, got keys {quote(sorted(item))}. "
+                + _formats_hint()
+            )
+    return where, _json_numbers(item, where, "x0, y0, x1, y1"), label, None
+
+
+def _json_label(item: dict) -> str:
+    metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+    for source in (item, metadata):
+        for key in ("label", "text", "desc"):
+            if isinstance(source.get(key), str) and source[key]:
+                return source[key]
+    return ""
+
+
+def _json_numbers(value, where: str, names: str) -> list[float]:
+    if not isinstance(value, list) or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in value):
+        raise ValueError(f"{where}: expected a list of 4 numbers [{names}], got {quote(repr(value))}. " + _formats_hint())
+    if len(value) != 4:
+        raise ValueError(f"{where}: expected 4 numbers {names}, got {len(value)}")
+    try:
+        return [float(n) for n in value]
+    except OverflowError:
+        raise ValueError(f"{where}: a number is too large: {quote(repr(value))}; coordinates are fractions "
+                         "0..1 or pixels of the canvas") from None
+
+
+def _check_json_depth(text: str) -> None:
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` before parsing it (deep nesting exhausts the stack)."""
+    depth = 0
+    for char in re.sub(r'"(?:[^"\\]|\\.)*"', '""', text):  # brackets inside strings do not nest
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(
+                    f"JSON boxes are nested more than {MAX_JSON_DEPTH} levels deep; expected a list like "
+                    '[[0.1, 0.2, 0.5, 0.9], ...] or [{"box": [...], "label": "corgi"}, ...]'
+                )
+        elif char in "]}":
+            depth -= 1
 
 
 def _check_pixel_box(numbers: list[float], width: int, height: int, where: str) -> None:
@@ -443,36 +543,113 @@ def _interp(values: Tensor, positions: Tensor, dim: int) -> Tensor:
 
 # priority compositing
 
+AREA_TIE_DECIMALS = 9  # areas (fractions of the canvas) equal to this many decimals tie: float noise never breaks a tie
+
+
+def region_areas(layout: Layout) -> list[float]:
+    """Each region's area as a fraction of the canvas: a box's width x height, a mask's mean value.
+
+    This is the default overlap order's key (``overlap_order``); it is measured on the canvas, not on
+    a token grid, so every attention resolution ranks the regions the same way.
+    """
+    areas = []
+    for region in layout.regions:
+        if region.box is not None:
+            x0, y0, x1, y1 = region.box
+            areas.append((x1 - x0) * (y1 - y0))
+        else:
+            assert region.mask is not None
+            areas.append(float(region.mask.double().mean()))
+    return areas
+
+
+def overlap_order(priorities: Sequence[int], areas: Sequence[float]) -> list[int]:
+    """Subject indices in painting order: where regions overlap, the subject painted last owns the tokens.
+
+    Sorted by priority (low first), then by area (large first, so smaller and nested regions are
+    painted over the regions they sit in), then by subject order (earlier first, so among equal
+    priorities and equal areas the later subject wins). This is AnyMS's "merge in descending box
+    area, ties follow input order", with an explicit priority overriding area.
+    """
+    if len(priorities) != len(areas):
+        raise ValueError(f"got {len(priorities)} priorities for {len(areas)} region areas; give one of each per subject")
+    return sorted(range(len(areas)), key=lambda j: (priorities[j], -round(areas[j], AREA_TIE_DECIMALS), j))
+
 
 @dataclass(frozen=True)
 class Ownership:
-    """Exclusive assignment of tokens to subjects.
+    """Exclusive assignment of tokens to the active subjects.
 
     Shapes (``*G`` is the grid, e.g. ``h, w`` or ``L``):
-        owner:      (*G) long, subject index or -1 for background
-        exclusive:  (S, *G) bool, one-hot over subjects where owned
-        background: (*G) bool, tokens no subject covers
+        owner:      (*G) long, subject index (into all S subjects) or -1 for background
+        exclusive:  (S, *G) bool, one-hot over subjects where owned; all False for inactive subjects
+        background: (*G) bool, tokens no active subject covers
     """
 
     owner: Tensor
     exclusive: Tensor
     background: Tensor
+    active: tuple[int, ...]
+
+    def unowned(self) -> list[int]:
+        """Active subjects that own no token at all (they have no effect on this grid)."""
+        counts = self.exclusive.flatten(1).sum(1).tolist()
+        return [j for j in self.active if counts[j] == 0]
 
 
-def composite_by_priority(token_masks: Tensor, priorities: list[int] | None = None) -> Ownership:
-    """Resolve overlaps: the highest priority owns a token; among equal priorities the later subject wins.
+def composite_ownership(
+    token_masks: Tensor,
+    priorities: Sequence[int],
+    areas: Sequence[float],
+    active: Sequence[int] | None = None,
+) -> Ownership:
+    """Resolve overlaps among the ``active`` subjects: each token goes to the one painted last by ``overlap_order``.
+
+    Inactive subjects (weight 0, outside their start/end window) take no part: the result for the
+    active subjects is exactly the result of calling this with the inactive subjects left out.
+    Callers cache the result per active set; this function is not for a per-call hot path.
 
     Shapes:
-        token_masks: (S, *G) bool
+        token_masks: (S, *G) bool, each subject's region on one token grid (``region_token_masks``)
+        priorities:  S ints, higher wins an overlap (the Subject node's ``priority``)
+        areas:       S floats, region area as a fraction of the canvas (``region_areas``); smaller wins a tie
+        active:      indices into S, in any order; None = all subjects
+        returns an ``Ownership`` over all S subjects (rows of inactive subjects are empty)
     """
     num_subjects = token_masks.shape[0]
-    priorities = list(range(num_subjects)) if priorities is None else list(priorities)
-    if len(priorities) != num_subjects:
-        raise ValueError(f"got {len(priorities)} priorities for {num_subjects} subject masks")
+    if len(priorities) != num_subjects or len(areas) != num_subjects:
+        raise ValueError(
+            f"got {len(priorities)} priorities and {len(areas)} areas for {num_subjects} subject masks; "
+            "give one of each per subject"
+        )
+    active = tuple(range(num_subjects)) if active is None else tuple(sorted(set(active)))
+    if active and not (0 <= active[0] and active[-1] < num_subjects):
+        raise ValueError(f"active subjects {list(active)} are not all indices of {num_subjects} subjects")
+    is_active = set(active)
     owner = torch.full(token_masks.shape[1:], -1, dtype=torch.long, device=token_masks.device)
-    # paint low -> high; a stable sort keeps subject order among ties, so later subjects paint last
-    for i in sorted(range(num_subjects), key=lambda j: priorities[j]):
-        owner[token_masks[i]] = i
+    for i in overlap_order(priorities, areas):
+        if i in is_active:
+            owner[token_masks[i]] = i
     subject_ids = torch.arange(num_subjects, device=token_masks.device).view(-1, *([1] * (token_masks.ndim - 1)))
     exclusive = owner.unsqueeze(0) == subject_ids
-    return Ownership(owner=owner, exclusive=exclusive, background=owner < 0)
+    return Ownership(owner=owner, exclusive=exclusive, background=owner < 0, active=active)
+
+
+def describe_unowned(
+    ownership: Ownership, token_masks: Tensor, labels: Sequence[str], where: str
+) -> dict[int, str]:
+    """A sentence for each active subject that owns no token, naming who took its tokens (for logs and previews).
+
+    Shapes: token_masks (S, *G) bool, as given to ``composite_ownership``.
+    """
+    def name(j: int) -> str:
+        return f"'{labels[j]}'" if j < len(labels) and labels[j] else f"subject {j + 1}"
+
+    messages = {}
+    for j in ownership.unowned():
+        takers = sorted(set(ownership.owner[token_masks[j]].tolist()) - {-1, j})
+        messages[j] = (
+            f"{name(j)} owns no token {where}: {', '.join(name(k) for k in takers)} cover(s) all of its region "
+            "there, so it has no effect; give it a higher priority or a region that reaches past theirs"
+        )
+    return messages

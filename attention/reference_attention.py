@@ -1,78 +1,19 @@
-"""Layout-guided reference attention on Flux: keep image tokens outside a subject's region from
-attending to that subject's reference tokens.
+"""Apply MultiCrafter's settings (strength and one window for every subject).
 
-The mask is an *additive float* bias over the joint sequence ``[txt | img | ref_0 | ...]``:
-0 where attention is allowed, ``log(1 - strength)`` where an image query lies outside subject j's
-region and the key is one of subject j's reference tokens (strength 1 = a hard block, a large
-negative number). Float biases behave the same on every ComfyUI attention backend; boolean masks do
-not (sub-quadratic and split attention add them as 0/1).
+The binding itself is ``attention/binding.py``; ``TokenLayout`` lives in ``attention/families.py`` and is
+re-exported here for the trainers until they import it from there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from .unope import token_grid
+from .families import TokenLayout
 
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where text, image and reference tokens sit in one attention call's joint sequence."""
-
-    num_txt: int  # T_txt
-    image_grid: tuple[int, int]  # (h, w) image token grid
-    reference_grids: tuple[tuple[int, int], ...]  # (h_k, w_k) per reference, in sequence order
-
-    def __post_init__(self) -> None:
-        if self.num_txt < 0 or min(self.image_grid) <= 0 or any(min(g) <= 0 for g in self.reference_grids):
-            raise ValueError(f"invalid token layout {self}")
-
-    @classmethod
-    def from_latents(cls, num_txt: int, latent_hw: tuple[int, int],
-                     reference_latent_hws: Sequence[tuple[int, int]]) -> TokenLayout:
-        return cls(num_txt, token_grid(*latent_hw), tuple(token_grid(*hw) for hw in reference_latent_hws))
-
-    @property
-    def num_img(self) -> int:
-        return self.image_grid[0] * self.image_grid[1]
-
-    @property
-    def image_span(self) -> tuple[int, int]:
-        return self.num_txt, self.num_txt + self.num_img
-
-    @property
-    def reference_spans(self) -> list[tuple[int, int]]:
-        spans, start = [], self.num_txt + self.num_img
-        for h, w in self.reference_grids:
-            spans.append((start, start + h * w))
-            start += h * w
-        return spans
-
-    @property
-    def total(self) -> int:
-        return self.num_txt + self.num_img + sum(h * w for h, w in self.reference_grids)
-
-    def subject_key_mask(self, subject_index: Sequence[int], num_subjects: int) -> Tensor:
-        """Which joint-sequence tokens are reference tokens of each subject.
-
-        Shapes:
-            returns (S, N) bool, N = total tokens
-        """
-        if len(subject_index) != len(self.reference_grids):
-            raise ValueError(
-                f"the model got {len(self.reference_grids)} reference latent(s) but {len(subject_index)} "
-                "reference(s) were described; feed the sampler the conditioning from the same MultiCrafter "
-                "References node whose references output you connected"
-            )
-        out = torch.zeros(num_subjects, self.total, dtype=torch.bool)
-        for (start, end), subject in zip(self.reference_spans, subject_index):
-            out[subject, start:end] = True
-        return out
+__all__ = ["ReferenceAttentionConfig", "TokenLayout"]
 
 
 @dataclass(frozen=True)
@@ -102,62 +43,3 @@ class ReferenceAttentionConfig:
         if self.strength >= 1.0:
             return hard
         return max(math.log1p(-self.strength), hard)
-
-
-def reference_attention_bias(layout: TokenLayout, allowed: Tensor, subject_index: Sequence[int],
-                             blocked_value: float, dtype: torch.dtype = torch.float32,
-                             device: torch.device | str = "cpu") -> Tensor:
-    """Additive bias that keeps image queries outside subject j's region off subject j's reference keys.
-
-    Shapes:
-        allowed: (S, h, w) or (S, L) bool, image tokens (of ``layout.image_grid``) that may attend to subject j
-        returns (1, 1, N, N) in ``dtype``; 0 = allowed, ``blocked_value`` = blocked
-    """
-    num_subjects = allowed.shape[0]
-    allowed = allowed.reshape(num_subjects, -1).to(device)
-    if allowed.shape[1] != layout.num_img:
-        raise ValueError(
-            f"region masks cover {allowed.shape[1]} image tokens but the image has {layout.num_img} "
-            f"({layout.image_grid[0]}x{layout.image_grid[1]}); build them on the layout's token grid"
-        )
-    keys = layout.subject_key_mask(subject_index, num_subjects).to(device)  # (S, N)
-    img0, img1 = layout.image_span
-    # blocked[p, n] = OR_j (not allowed[j, p]) and keys[j, n]  -- a (L, S) x (S, N) boolean product
-    blocked_rows = (~allowed).t().to(torch.float32) @ keys.to(torch.float32)  # (L, N)
-    bias = torch.zeros(layout.total, layout.total, dtype=dtype, device=device)
-    bias[img0:img1] = torch.where(blocked_rows > 0, blocked_value, 0.0).to(dtype)
-    return bias.view(1, 1, layout.total, layout.total)
-
-
-def combine_with_mask(bias: Tensor, mask: Tensor | None) -> Tensor:
-    """Add an incoming attention mask (bool: True = attend, or additive float) to our bias.
-
-    Shapes:
-        bias: (1, 1, N, N); mask: broadcastable to (B, H, N, N) or (B, N, N); returns broadcastable (B, H, N, N)
-    """
-    if mask is None:
-        return bias
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
-            ~mask.to(bias.device), torch.finfo(bias.dtype).min / 4)
-    if mask.ndim == 3:
-        mask = mask.unsqueeze(1)
-    return bias + mask.to(device=bias.device, dtype=bias.dtype)
-
-
-class BiasCache:
-    """Biases keyed by (token layout, dtype, device): Flux calls attention 57 times per step with the same one."""
-
-    def __init__(self, max_entries: int = 4) -> None:
-        self.max_entries = max_entries
-        self._items: dict[tuple, Tensor] = {}
-
-    def get(self, key: tuple, build) -> Tensor:
-        if key not in self._items:
-            if len(self._items) >= self.max_entries:
-                self._items.pop(next(iter(self._items)))
-            self._items[key] = build()
-        return self._items[key]
-
-    def __len__(self) -> int:
-        return len(self._items)

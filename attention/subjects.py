@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 WEIGHT_RANGE = (0.0, 5.0)  # 0 disables a subject; above ~1.5 identity usually overpowers the prompt
@@ -31,7 +32,9 @@ class Subject:
     weight: float = 1.0  # strength multiplier; 0 = off
     start_percent: float = 0.0  # fraction of the denoising schedule where the subject switches on
     end_percent: float = 1.0  # fraction where it switches off; 1 = until the end
-    priority: int = 0  # overlap order: higher wins where regions overlap; ties: the later subject wins
+    # overlap order: higher wins where regions overlap; on equal priority the smaller region wins (nested boxes),
+    # on equal priority and area the later subject (layout.overlap_order)
+    priority: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -41,8 +44,11 @@ class Subject:
                 f"images must be (R, H, W, 3) RGB, got {shape}; build subjects with Subject.from_image(), "
                 "which converts RGBA and grayscale"
             )
-        elif self.images.shape[0] == 0:
-            problems.append("a subject needs at least one reference image, got an empty batch")
+        elif self.images.shape[0] == 0 or 0 in self.images.shape[1:3]:
+            problems.append(f"a subject needs at least one non-empty reference image, got {tuple(self.images.shape)}")
+        elif not bool(torch.isfinite(self.images).all()):
+            problems.append("the reference image holds NaN or inf values; the node that made it produced invalid "
+                            "numbers (check its inputs) - connect a valid image")
         if self.masks is not None and isinstance(self.images, Tensor) and self.images.ndim == 4:
             expected = tuple(self.images.shape[:3])
             if tuple(self.masks.shape) != expected:
@@ -50,6 +56,9 @@ class Subject:
                     f"masks must match the reference images: expected {expected} (R, H, W), got "
                     f"{tuple(self.masks.shape)}"
                 )
+            elif not bool(torch.isfinite(self.masks).all()):
+                problems.append("the subject mask holds NaN or inf values; the node that made it produced invalid "
+                                "numbers (check its inputs) - connect a valid mask")
             elif bool((self.masks.flatten(1).amax(1) <= 0).any()):
                 empty = [i for i, m in enumerate(self.masks) if float(m.max()) <= 0]
                 problems.append(

@@ -22,15 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PATCH = 2  # Flux patchifies latents in 2x2 patches
-LATENT_CHANNELS = 16  # Flux VAE latent channels
-VAE_DOWNSCALE = 8  # Flux VAE: 8 pixels per latent pixel
+from .families import FLUX
+
+PATCH = FLUX.patch  # Flux patchifies latents in 2x2 patches
+LATENT_CHANNELS = FLUX.latent_channels  # Flux VAE latent channels
+VAE_DOWNSCALE = FLUX.vae_downscale  # Flux VAE: 8 pixels per latent pixel
 REFERENCE_MULTIPLE_PX = VAE_DOWNSCALE * PATCH  # reference sides are multiples of 16 px: whole patches, no padding
-
-
-def token_grid(latent_h: int, latent_w: int) -> tuple[int, int]:
-    """Token grid of a latent (2x2 patches, odd sizes padded as Flux does)."""
-    return -(-latent_h // PATCH), -(-latent_w // PATCH)
+token_grid = FLUX.token_grid  # (latent_h, latent_w) -> token grid, odd sizes padded as Flux does
 
 
 def unope_ids(image_grid: tuple[int, int], reference_grids: Sequence[tuple[int, int]]) -> Tensor:

@@ -43,10 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .checks import weight_problems
+from .files import read_safetensors
 from .moe_lora import MoELoRA, MoELoRAConfig
 
 FORMAT = "multisubject.multicrafter"
@@ -55,7 +56,6 @@ BASE_MODEL = "flux1"
 LORA_PREFIX = "diffusion_model."
 MOE_PREFIX = "moe_lora."
 META = "multisubject."  # metadata key prefix
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 LORA_TARGET = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12])$")
 MOE_TARGET = re.compile(r"^double_blocks\.\d+\.(img|txt)_mlp$")
@@ -143,7 +143,7 @@ def _consistency_problems(w: MultiCrafterWeights) -> list[str]:
         )
     e, r = cfg.num_experts, cfg.rank
     for path, ex in w.moe.items():
-        problems += _dtype_problems(f"moe {path}", [ex.router, ex.lora_A, ex.lora_B])
+        problems += weight_problems(f"moe {path}", [ex.router, ex.lora_A, ex.lora_B])
         if ex.router.ndim != 2 or ex.lora_A.ndim != 3 or ex.lora_B.ndim != 3:
             problems.append(
                 f"moe {path}: expected router (E, C_in), lora_A (E, r, C_in), lora_B (E, C_out, r), got "
@@ -165,25 +165,13 @@ def _consistency_problems(w: MultiCrafterWeights) -> list[str]:
             f"LoRA tensors cover {sorted(w.lora)} but the config lists targets {sorted(lcfg.targets)}; they must match"
         )
     for path, pair in w.lora.items():
-        problems += _dtype_problems(f"lora {path}", [pair.lora_A, pair.lora_B])
+        problems += weight_problems(f"lora {path}", [pair.lora_A, pair.lora_B])
         a, b = pair.lora_A, pair.lora_B
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != lcfg.rank or b.shape[1] != lcfg.rank:
             problems.append(
                 f"lora {path}: metadata says rank {lcfg.rank}, so expected lora_A ({lcfg.rank}, C_in) and lora_B "
                 f"(C_out, {lcfg.rank}), got {tuple(a.shape)} and {tuple(b.shape)}"
             )
-    return problems
-
-
-def _dtype_problems(where: str, tensors: list[Tensor]) -> list[str]:
-    problems = []
-    for t in tensors:
-        if not isinstance(t, Tensor):
-            problems.append(f"{where}: expected a tensor, got {type(t).__name__}")
-        elif t.dtype not in DTYPES:
-            problems.append(f"{where}: dtype {t.dtype} is not one of float32, float16, bfloat16")
-        elif not torch.isfinite(t).all():
-            problems.append(f"{where}: holds NaN or inf values")
     return problems
 
 
@@ -328,16 +316,8 @@ def save_multicrafter_weights(w: MultiCrafterWeights, path: str | Path) -> None:
 
 def load_multicrafter_weights(path: str | Path, device: str | torch.device = "cpu") -> MultiCrafterWeights:
     """Read and validate a MultiCrafter file; raises ValueError naming the file and every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"MultiCrafter weight file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for non-safetensors files
-        raise ValueError(f"{path.name} is not a readable safetensors file: {e}") from None
-    return from_state_dict(tensors, metadata, source=path.name)
+    tensors, metadata = read_safetensors(path, "MultiCrafter weight", device=str(device))
+    return from_state_dict(tensors, metadata, source=Path(path).name)
 
 
 # checks against a concrete model

@@ -9,7 +9,10 @@ Variants, timed side by side (round-robin, median of rounds, random allocator sp
 Sites: 64x64 tokens, 640 channels, 10 heads and 32x32 tokens, 1280 channels, 20 heads; CFG batch 2.
 Boxes: S boxes on a grid over [0.1, 0.9] x [0.15, 0.9] (about 60% of the image), overlapping neighbours.
 
-    PYTHONPATH=<parent of the pack> python bench/anyms_attention.py [--rounds N] [--dtype float32] [--threads 1]
+    PYTHONPATH=<parent of the pack> python bench/anyms_attention.py [--device cpu|cuda] [--quick] [--rounds N]
+        [--dtype float32] [--threads 1]
+
+These are SDXL's real sizes, so ``--real-dims`` changes nothing.
 
 Last line: a JSON object with every ratio, ``anyms_s4_over_text`` and ``anyms_over_stacked_max``.
 """
@@ -23,6 +26,7 @@ import random
 import statistics
 import time
 
+import harness
 import torch
 
 from multisubject.attention.anyms import AnyMSConfig, AnyMSPlan, EncodedSubject, EncodedSubjects, sdpa_attention
@@ -32,6 +36,7 @@ from multisubject.attention.layout import Layout, TokenGrid, region_token_masks
 SITES = [("64x64 / 640 ch / 10 heads", 64, 640, 10), ("32x32 / 1280 ch / 20 heads", 32, 1280, 20)]
 SUBJECT_COUNTS = (2, 4, 8)
 CONTEXT, TEXT_TOKENS, IMAGE_TOKENS, BATCH = 2048, 77, 16, 2
+TARGETS = {"anyms_s4_over_text": ("<=", 1.3), "anyms_over_stacked_max": ("<", 1.0)}
 
 
 def boxes(count: int, overlap: float = 0.05) -> list[tuple[float, float, float, float]]:
@@ -54,7 +59,7 @@ def adapter_for_site(width: int, gen: torch.Generator) -> IPAdapter:
     return IPAdapter("bench", "sdxl", "plus", IMAGE_TOKENS, 1280, CONTEXT, ImageProj(8, CONTEXT, IMAGE_TOKENS), k, v)
 
 
-def measure(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
+def measure(fns: dict, rounds: int, device: torch.device) -> dict[str, tuple[float, float]]:
     """(median, fastest) seconds per variant, variants run round-robin so drifts in machine load hit all alike.
 
     The median is the main figure: with the placement spacer below every variant sees the same mix of memory
@@ -68,25 +73,24 @@ def measure(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
         for name, fn in fns.items():
             # where the allocator places the 10-20 MB buffers changes CPU attention time up to 2x (page and cache
             # placement); a random-size spacer per call makes every variant sample the same mix of placements
-            spacer = torch.empty(jitter.randrange(0, 24 << 20), dtype=torch.uint8)
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            spacer = torch.empty(jitter.randrange(0, 24 << 20) if device.type == "cpu" else 0, dtype=torch.uint8)
+            times[name].append(harness.timed(fn, device))
             del spacer
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def bench_site(side: int, width: int, heads: int, rounds: int, dtype: torch.dtype) -> dict[str, float]:
+def bench_site(side: int, width: int, heads: int, rounds: int, dtype: torch.dtype,
+               device: torch.device) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     tokens = side * side
-    q = torch.randn(BATCH, tokens, width, generator=gen).to(dtype)
-    k_txt = torch.randn(BATCH, TEXT_TOKENS, width, generator=gen).to(dtype)
-    v_txt = torch.randn(BATCH, TEXT_TOKENS, width, generator=gen).to(dtype)
+    q = torch.randn(BATCH, tokens, width, generator=gen).to(device, dtype)
+    k_txt = torch.randn(BATCH, TEXT_TOKENS, width, generator=gen).to(device, dtype)
+    v_txt = torch.randn(BATCH, TEXT_TOKENS, width, generator=gen).to(device, dtype)
     adapter = adapter_for_site(width, gen)
     latent = side * (1024 // 8 // side)  # the 128x128 latent, seen at this site's downscale
     fns = {"text": lambda: sdpa_attention(q, k_txt, v_txt, heads)}
-    k_ip = torch.randn(BATCH, IMAGE_TOKENS, width, generator=gen).to(dtype)
-    v_ip = torch.randn(BATCH, IMAGE_TOKENS, width, generator=gen).to(dtype)
+    k_ip = torch.randn(BATCH, IMAGE_TOKENS, width, generator=gen).to(device, dtype)
+    v_ip = torch.randn(BATCH, IMAGE_TOKENS, width, generator=gen).to(device, dtype)
     fns["ip"] = lambda: sdpa_attention(q, k_txt, v_txt, heads).add_(sdpa_attention(q, k_ip, v_ip, heads))
     coverage = {}
     for count in SUBJECT_COUNTS:
@@ -101,7 +105,7 @@ def bench_site(side: int, width: int, heads: int, rounds: int, dtype: torch.dtyp
         k_all, v_all = plan.site_kv(0, q.device, dtype)
         branch = plan.branch_index([0, 1], BATCH, q.device)
         grid = TokenGrid.infer(latent, latent, tokens)
-        masks = region_token_masks(layout, grid).reshape(count, -1).to(dtype)  # (S, L)
+        masks = region_token_masks(layout, grid).reshape(count, -1).to(q.device, dtype)  # (S, L)
         coverage[count] = float(masks.amax(0).float().mean())
 
         def anyms(plan=plan):
@@ -118,28 +122,35 @@ def bench_site(side: int, width: int, heads: int, rounds: int, dtype: torch.dtyp
 
         fns[f"anyms_{count}"] = anyms
         fns[f"stacked_{count}"] = stacked
-    results = measure(fns, rounds)
+    results = measure(fns, rounds, device)
     results["coverage"] = coverage  # type: ignore[assignment]
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=None, help="default 31, 5 with --quick")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default float32 on CPU, float16 on CUDA (SDXL's inference dtype)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine OpenMP hand-offs swamp small attentions)")
+    harness.add_suite_args(parser, "accepted; the default already is SDXL at 1024x1024")
     args = parser.parse_args()
+    device = harness.device_from(args)
+    args.rounds = args.rounds or (5 if args.quick else 31)
+    args.dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     start = time.perf_counter()
     figures: dict[str, float] = {}
     totals: dict[str, float] = {}
-    print(f"AnyMS cross-attention cost, CPU ({torch.get_num_threads()} threads), {args.dtype}, CFG batch {BATCH}, "
+    where = f"CUDA ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    print(f"AnyMS cross-attention cost, {where}, {args.dtype}, CFG batch {BATCH}, "
           f"{args.rounds} round-robin rounds; ratio = variant / plain text attention (median; fastest run in brackets)")
     for label, side, width, heads in SITES:
-        results = bench_site(side, width, heads, args.rounds, dtype)
+        results = bench_site(side, width, heads, args.rounds, dtype, device)
         coverage = results.pop("coverage")
         text, text_fastest = results["text"]
         print(f"\nsite {label}   text attention {text * 1e3:.2f} ms (fastest {text_fastest * 1e3:.2f} ms)")

@@ -4,7 +4,10 @@ alone, on ComfyUI's Flux class at a small-but-not-trivial size with random weigh
 variant measured in its own fresh child process (the model is built and warmed up first); on CUDA the real peak
 allocation of the step is reported instead.
 
-    python bench/idar_step.py [--reps 5] [--grad-checkpointing] [--flux-dims]   # --flux-dims: FLUX.1 sizes (GPU)
+    python bench/idar_step.py [--device cpu|cuda] [--quick] [--reps 5] [--grad-checkpointing] [--real-dims]
+
+``--real-dims``: FLUX.1 sizes (hidden 3072, 19+38 blocks, LoRA r512, MoE 4x r128) at MultiCrafter's 512 px output
+with two 320 px references; CUDA only.
 
 Last line: JSON with time_ratio and memory_ratio.
 """
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import harness
 import torch
 
 from multisubject.attention.moe_lora import load_balancing_loss
@@ -26,11 +30,14 @@ from multisubject.train.comfy_backend import FluxBackend, FluxInputs, load_flux
 from multisubject.train.config import LoRAConfig, ModelConfig, MoEConfig
 from multisubject.train.losses import flow_loss, idar_loss
 
+TARGETS = {"time_ratio": ("<=", 1.2), "memory_ratio": ("<=", 1.2), "idar_peak_mib": None}
+
 
 def step(backend, inputs, noise, x0, masks, blocks, with_idar: bool, device) -> int:
-    """One forward + backward; returns the CUDA peak bytes (0 on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    """One forward + backward; returns how far the step raised CUDA memory above what was allocated before it
+    (weights, inputs), the GPU twin of the CPU's peak-RSS growth; 0 on CPU."""
+    harness.reset_peak(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         v, maps = backend(inputs, idar_blocks=blocks if with_idar else None, capture_checkpoint=True)
         loss = flow_loss(v, noise, x0)
@@ -41,7 +48,7 @@ def step(backend, inputs, noise, x0, masks, blocks, with_idar: bool, device) -> 
     backend.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated(device) - before
     return 0
 
 
@@ -65,13 +72,16 @@ def child_peak_growth(with_idar: bool) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--flux-dims", action="store_true", help="FLUX.1 sizes: hidden 3072, 24 heads, 19+38 blocks")
+    parser.add_argument("--reps", type=int, default=None, help="default 5, 2 with --quick")
     parser.add_argument("--grad-checkpointing", action="store_true", help="block-level gradient checkpointing")
     parser.add_argument("--child", choices=["flow", "idar"], help=argparse.SUPPRESS)
+    harness.add_suite_args(parser, "FLUX.1 sizes: hidden 3072, 24 heads, 19+38 blocks, 512 px, 2x320 px refs (CUDA)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.flux_dims:
+    device = harness.device_from(args)
+    args.reps = args.reps or (2 if args.quick else 5)
+    if args.real_dims and device.type != "cuda":
+        raise SystemExit("--real-dims builds FLUX.1 (12B parameters) and needs --device cuda; leave it off on CPU")
+    if args.real_dims:
         cfg = ModelConfig(tiny=True, tiny_hidden=3072, tiny_heads=24, tiny_depth=19, tiny_depth_single=38,
                           tiny_context_dim=4096, tiny_vec_dim=768)
         image, ref, n_txt, lora, moe = 64, 40, 512, LoRAConfig(rank=512), MoEConfig(rank=128)
@@ -121,7 +131,7 @@ def main() -> None:
           f"tokens: {n_txt} txt + {tokens} img + {subjects}x{(ref // 2) ** 2} ref = {n_total}; LoRA r{lora.rank}, "
           f"MoE 4x r{moe.rank}; block checkpointing {'on' if args.grad_checkpointing else 'off'}; IDAR on all "
           f"{len(blocks)} double blocks")
-    unit = "peak MiB" if device.type == "cuda" else "RSS+ MiB"
+    unit = "peak+ MiB" if device.type == "cuda" else "RSS+ MiB"
     print(f"{'step':<22}{'median ms':>12}{unit:>12}")
     for name, key in (("flow only", False), ("flow + IDAR", True)):
         print(f"{name:<22}{statistics.median(times[key]) * 1e3:>12.1f}{memory[key] / 2**20:>12.2f}")
@@ -129,7 +139,8 @@ def main() -> None:
     print(json.dumps({"device": device.type, "time_ratio": round(time_ratio, 4), "memory_ratio": round(memory_ratio, 4),
                       "flow_ms": round(statistics.median(times[False]) * 1e3, 2),
                       "idar_ms": round(statistics.median(times[True]) * 1e3, 2),
-                      "memory_kind": "cuda_peak" if device.type == "cuda" else "peak_rss_growth",
+                      "memory_kind": "cuda_peak_growth" if device.type == "cuda" else "peak_rss_growth",
+                      "idar_peak_mib": harness.peak_mib(device),  # whole peak of the last IDAR step, weights included
                       "flow_bytes": memory[False], "idar_bytes": memory[True], "tokens": n_total}))
 
 

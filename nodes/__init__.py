@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .anyms import ApplyAnyMS, EncodeSubjects, LoadIPAdapter
+from .binding import BindReferences
 from .layout import LayoutFromBoxes, LayoutFromMasks, LayoutToMasks, PreviewLayout
 from .moe_lora import LoadMoELoRA
 from .multicrafter import ApplyMultiCrafter, MultiCrafterAttentionMaps, MultiCrafterReferences
@@ -25,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadMoELoRA,
     ApplyMultiCrafter,
     MultiCrafterAttentionMaps,
+    BindReferences,
     ScoreIdentity,
 ]
 

@@ -18,6 +18,7 @@ from ..attention.anyms import (
     average_reference_tokens,
 )
 from ..attention.ip_adapter import BASE_NAMES, BASE_SITES, IPAdapter, SiteKey, load_adapter_file
+from .inputs import check_inputs, model_file
 from .types import CATEGORY, ENCODED_SUBJECTS, IPADAPTER, LAYOUT, PREFIX, SUBJECTS
 
 ADAPTER_FOLDER = "ipadapter"  # models/ipadapter, shared with ComfyUI_IPAdapter_plus
@@ -51,7 +52,7 @@ class LoadIPAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
-        return io.NodeOutput(load_adapter_file(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)))
+        return io.NodeOutput(load_adapter_file(model_file(ADAPTER_FOLDER, adapter_name, "IP-Adapter")))
 
 
 class EncodeSubjects(io.ComfyNode):
@@ -158,6 +159,7 @@ class ApplyAnyMS(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, encoded_subjects: EncodedSubjects, layout, scale, mode, region_source) -> io.NodeOutput:
+        check_inputs(cls, scale=scale, mode=mode, region_source=region_source)
         adapter = encoded_subjects.adapter
         check_model_fits_adapter(model, adapter)
         config = AnyMSConfig(scale=float(scale), mode=mode, region_source=region_source)

@@ -12,7 +12,8 @@ from ..attention.weights import (
     module_features,
     to_state_dict,
 )
-from .multicrafter import require_flux
+from .families import require_flux
+from .inputs import check_inputs, model_file
 from .types import CATEGORY, PREFIX
 
 FOLDER = "loras"  # MultiCrafter files live next to other LoRAs (models/loras)
@@ -73,7 +74,6 @@ class LoadMoELoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength, attention_strength) -> io.NodeOutput:
-        import folder_paths
-
-        weights = load_multicrafter_weights(folder_paths.get_full_path_or_raise(FOLDER, lora_name))
+        check_inputs(cls, strength=strength, attention_strength=attention_strength)
+        weights = load_multicrafter_weights(model_file(FOLDER, lora_name, "MultiCrafter weight"))
         return io.NodeOutput(apply_multicrafter_weights(model, weights, float(strength), float(attention_strength)))

@@ -1,18 +1,11 @@
 """MultiCrafter on FLUX: references (UnoPE), layout-guided reference attention, attention maps.
 
-The Flux-specific math lives in ``attention/unope.py``, ``attention/reference_attention.py`` and
-``attention/attention_maps.py``; this module adapts it to ComfyUI:
-
-* a ``DIFFUSION_MODEL`` wrapper reads the token layout ``[txt | img | refs]`` of every model call
-  from its inputs (``context``, ``x``, ``ref_latents``) and hands it, with a per-call attention
-  counter, to the attention override through the per-call ``transformer_options``;
-* an ``optimized_attention_override`` adds the layout bias (cached per layout/dtype/device) and/or
-  records reference attention maps, then calls the next override in the chain or the backend.
+The Flux-specific math lives in ``attention/unope.py`` and ``attention/attention_maps.py``; Apply MultiCrafter
+is reference binding (``nodes/binding.py`` around ``attention/binding.py``) with MultiCrafter's defaults: one
+window for every subject, weight 1, image -> reference direction. The attention-map node observes the same hook.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from comfy_api.latest import io, ui
@@ -24,14 +17,9 @@ from ..attention.attention_maps import (
     normalize_maps,
     reference_attention_maps,
 )
-from ..attention.layout import TokenGrid, composite_by_priority, region_token_masks
-from ..attention.reference_attention import (
-    BiasCache,
-    ReferenceAttentionConfig,
-    TokenLayout,
-    combine_with_mask,
-    reference_attention_bias,
-)
+from ..attention.binding import BindingConfig, BindingPlan, SubjectBinding
+from ..attention.checks import check_image_batch, quote
+from ..attention.reference_attention import ReferenceAttentionConfig
 from ..attention.unope import (
     LATENT_CHANNELS,
     PATCH,
@@ -41,25 +29,10 @@ from ..attention.unope import (
     reference_size,
     resize_reference,
 )
+from .binding import ReferenceBindingPatch
+from .families import require_flux
+from .inputs import check_inputs
 from .types import CATEGORY, FLUX_REFERENCES, LAYOUT, PREFIX, SUBJECTS
-
-WRAPPER_KEY = "multisubject_multicrafter"
-OVERRIDE = "optimized_attention_override"
-
-
-def require_flux(model, node_name: str):
-    """The Flux diffusion model inside ``model``, or a TypeError naming what came instead."""
-    import comfy.ldm.flux.model
-
-    base = model.model
-    diffusion_model = base.diffusion_model
-    if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux) or diffusion_model.params.in_channels != LATENT_CHANNELS:
-        raise TypeError(
-            f"{node_name} needs a FLUX.1 model, but got {type(base).__name__} (diffusion model "
-            f"{type(diffusion_model).__name__}); load FLUX.1-dev/schnell with Load Diffusion Model"
-        )
-    return diffusion_model
-
 
 # references
 
@@ -141,36 +114,35 @@ class MultiCrafterReferences(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, subjects, vae, reference_size, keep_aspect) -> io.NodeOutput:
+        check_inputs(cls, reference_size=reference_size)
         latents, refs = encode_references(subjects, vae, int(reference_size), bool(keep_aspect))
         return io.NodeOutput(
             attach_references(positive, latents, "positive"), attach_references(negative, latents, "negative"), refs
         )
 
 
-# the patch: wrapper + attention override
-
-
-class _FluxCall:
-    """State of one Flux forward: its token layout and how many attention calls it has made."""
-
-    def __init__(self, layout: TokenLayout, latent_hw: tuple[int, int], active: bool) -> None:
-        self.layout = layout
-        self.latent_hw = latent_hw
-        self.active = active
-        self.attention_calls = 0
+# attention-map recorder (an observer of the binding hook)
 
 
 class AttentionRecorder:
     """Sums per-subject reference attention maps over the attention calls it is shown."""
 
-    def __init__(self, direction: str, include_single_blocks: bool) -> None:
+    def __init__(self, direction: str, include_single_blocks: bool, refs: FluxReferences) -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self.direction = direction
         self.include_single_blocks = include_single_blocks
+        self.refs = refs
         self.total: torch.Tensor | None = None  # (B, S, L)
         self.count = 0
         self.image_grid: tuple[int, int] | None = None
+
+    def __call__(self, q, k, layout, mask, is_double: bool) -> None:
+        """The binding hook's observer: q, k (B, H, N, D) post-RoPE, ``mask`` the call's final additive mask."""
+        if is_double or self.include_single_blocks:
+            maps = reference_attention_maps(q, k, layout, self.refs.subject_index, self.refs.num_subjects,
+                                            self.direction, bias=mask)
+            self.add(maps, layout.image_grid)
 
     def add(self, maps: torch.Tensor, image_grid: tuple[int, int]) -> None:
         maps = maps.detach().float().cpu()
@@ -193,106 +165,19 @@ class AttentionRecorder:
         return maps.view(*maps.shape[:2], *self.image_grid)
 
 
-class FluxReferencePatch:
-    """Wrapper + attention override shared by Apply MultiCrafter (layout bias) and the attention-map node (recorder).
-
-    Stored in ``model_options`` (deep-copied on every clone), so it returns itself from ``__deepcopy__``: the
-    bias cache and the recorder stay shared by the clones of one node's output.
-    """
-
-    def __init__(self, refs: FluxReferences, depth: int, *, layout=None, config: ReferenceAttentionConfig | None = None,
-                 sigma_range: tuple[float, float] = (math.inf, 0.0), recorder: AttentionRecorder | None = None,
-                 previous_override=None) -> None:
-        self.refs = refs
-        self.depth = depth
-        self.layout = layout
-        self.config = config
-        self.sigma_start, self.sigma_end = sigma_range
-        self.recorder = recorder
-        self.previous_override = previous_override
-        self.key = f"{WRAPPER_KEY}_{id(self)}"
-        self.cache = BiasCache()
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def install(self, model):
-        """Put this patch on ``model`` (already a clone)."""
-        import comfy.patcher_extension
-
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self.wrapper)
-        model.model_options.setdefault("transformer_options", {})[OVERRIDE] = self
-        return model
-
-    # DIFFUSION_MODEL wrapper: Flux.forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options)
-    def wrapper(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                transformer_options=None, **kwargs):
-        if not ref_latents:
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-        latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        layout = TokenLayout.from_latents(int(context.shape[1]), latent_hw,
-                                          [(int(r.shape[-2]), int(r.shape[-1])) for r in ref_latents])
-        layout.subject_key_mask(self.refs.subject_index, self.refs.num_subjects)  # raises on a count mismatch
-        options = dict(transformer_options or {})
-        sigmas = options.get("sigmas", timestep)
-        sigma = float(torch.as_tensor(sigmas).max())
-        active = self.config is not None and self.sigma_end <= sigma <= self.sigma_start
-        options[self.key] = _FluxCall(layout, latent_hw, active)
-        return executor(x, timestep, context, y, guidance, ref_latents, control, options, **kwargs)
-
-    def _allowed(self, call: _FluxCall) -> torch.Tensor:
-        self.layout.check_aspect(*call.latent_hw, what="latent")
-        grid = TokenGrid.from_latent(*call.latent_hw, downscale=PATCH)
-        masks = region_token_masks(self.layout, grid)
-        return composite_by_priority(masks, list(self.refs.priorities) or None).exclusive  # (S, h, w)
-
-    # optimized_attention_override(func, q, k, v, heads, mask=..., skip_reshape=True, transformer_options=...)
-    def __call__(self, func, *args, **kwargs):
-        options = kwargs.get("transformer_options") or {}
-        call = options.get(self.key)
-        if call is not None:
-            q = args[0]
-            block = options.get("block_type")
-            is_double = block == "double" if block is not None else call.attention_calls < self.depth
-            call.attention_calls += 1
-            if q.shape[2] != call.layout.total:
-                lay = call.layout
-                raise RuntimeError(
-                    f"MultiCrafter: an attention call sees {q.shape[2]} tokens, but text {lay.num_txt} + image "
-                    f"{lay.num_img} + references {lay.total - lay.num_txt - lay.num_img} = {lay.total}; another "
-                    "patch changed the token sequence (e.g. a post_input patch), so the references cannot be located"
-                )
-            if call.active and self.layout is not None:
-                key = (call.layout, call.latent_hw, q.dtype, q.device)
-                bias = self.cache.get(key, lambda: reference_attention_bias(
-                    call.layout, self._allowed(call), self.refs.subject_index,
-                    self.config.blocked_value(q.dtype), q.dtype, q.device))
-                kwargs["mask"] = combine_with_mask(bias, kwargs.get("mask"))
-            if self.recorder is not None and (is_double or self.recorder.include_single_blocks):
-                func = self._recording(func, call)
-        if self.previous_override is not None:
-            return self.previous_override(func, *args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _recording(self, func, call: _FluxCall):
-        """``func`` that first records maps with the final mask (after every override in the chain)."""
-
-        def record_then_attend(q, k, v, heads, *rest, **kw):
-            with torch.no_grad():
-                maps = reference_attention_maps(q, k, call.layout, self.refs.subject_index, self.refs.num_subjects,
-                                                self.recorder.direction, bias=kw.get("mask"))
-            self.recorder.add(maps, call.layout.image_grid)
-            return func(q, k, v, heads, *rest, **kw)
-
-        return record_then_attend
-
-
-def _install(model, refs: FluxReferences, node_name: str, **patch_options):
-    diffusion_model = require_flux(model, node_name)
-    m = model.clone()
-    previous = m.model_options.get("transformer_options", {}).get(OVERRIDE)
-    patch = FluxReferencePatch(refs, diffusion_model.params.depth, previous_override=previous, **patch_options)
-    return patch.install(m), patch
+def multicrafter_plan(model, refs: FluxReferences, layout, config: ReferenceAttentionConfig) -> BindingPlan:
+    """The binding plan of Apply MultiCrafter: every subject shares the node's window, weight 1."""
+    owners = list(refs.subject_index)
+    if owners != sorted(owners):
+        raise ValueError(f"references must be grouped by subject (got subject order {owners}); connect the references "
+                         "output of MultiCrafter References unchanged")
+    sampling = model.get_model_object("model_sampling")
+    window = dict(sigma_start=float(sampling.percent_to_sigma(config.start_percent)),
+                  sigma_end=float(sampling.percent_to_sigma(config.end_percent)))
+    priorities = list(refs.priorities) or [0] * refs.num_subjects
+    subjects = [SubjectBinding(references=owners.count(j), priority=priorities[j], label=label, **window)
+                for j, label in enumerate(refs.labels)]
+    return BindingPlan(layout, subjects, BindingConfig(config.strength))
 
 
 class ApplyMultiCrafter(io.ComfyNode):
@@ -329,14 +214,13 @@ class ApplyMultiCrafter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, references, strength, start_percent, end_percent, layout=None) -> io.NodeOutput:
+        check_inputs(cls, strength=strength, start_percent=start_percent, end_percent=end_percent)
         config = ReferenceAttentionConfig(float(strength), float(start_percent), float(end_percent))
         require_flux(model, "Apply MultiCrafter")
         if layout is not None:
             layout.check_subject_count(references.num_subjects)
-        sampling = model.get_model_object("model_sampling")
-        sigma_range = (sampling.percent_to_sigma(config.start_percent), sampling.percent_to_sigma(config.end_percent))
-        patched, _ = _install(model, references, "Apply MultiCrafter", layout=layout, config=config,
-                              sigma_range=sigma_range)
+        plan = None if layout is None else multicrafter_plan(model, references, layout, config)
+        patched, _ = ReferenceBindingPatch.install(model, "Apply MultiCrafter", plan)
         return io.NodeOutput(patched)
 
 
@@ -346,9 +230,9 @@ def parse_percents(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {text!r}") from None
+        raise ValueError(f"at_percent must be numbers separated by commas, e.g. '0.25, 0.5', got {quote(repr(text))}") from None
     if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {text!r}")
+        raise ValueError(f"at_percent needs at least one value in [0, 1) (0 = first step), got {quote(repr(text))}")
     return values
 
 
@@ -392,9 +276,13 @@ class MultiCrafterAttentionMaps(io.ComfyNode):
         import comfy.sample
         import comfy.samplers
 
+        check_inputs(cls, direction=direction, seed=seed)
+        if image is not None:
+            check_image_batch("image", image)
         percents = parse_percents(at_percent)
-        recorder = AttentionRecorder(direction, bool(include_single_blocks))
-        patched, _ = _install(model, references, "MultiCrafter Attention Maps", recorder=recorder)
+        require_flux(model, "MultiCrafter Attention Maps")
+        recorder = AttentionRecorder(direction, bool(include_single_blocks), references)
+        patched, _ = ReferenceBindingPatch.install(model, "MultiCrafter Attention Maps", None, observer=recorder)
         latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
         noise = comfy.sample.prepare_noise(latent_image, seed)
         sampling = patched.get_model_object("model_sampling")

@@ -43,8 +43,10 @@ class SubjectNode(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "priority", default=0, min=-100, max=100,
-                    tooltip="Who wins where regions overlap: higher priority owns the overlap; on a tie the later "
-                    "subject wins. Raise it for a subject nested in another's box (a hat on a dog).",
+                    tooltip="Who wins where regions overlap: higher priority owns the overlap. On equal priority "
+                    "(the default 0 for all) the smaller region wins, so a box nested in another's (a hat on a dog) "
+                    "keeps its tokens; on equal priority and area the later subject wins. Raise it to let a larger "
+                    "region win over a smaller one.",
                 ),
                 io.Boolean.Input(
                     "invert_mask", default=False,

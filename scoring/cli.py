@@ -11,9 +11,10 @@ def metric_help() -> str:
     from .evaluate import METRICS
 
     lines = ["metrics (higher is better; each needs the model named in brackets):"]
-    needs = {"CLIP-T": "--clip-dir", "Face-Sim": "--face-pack", "DINO-I": "--dinov2-dir", "CLIP-I": "--clip-dir",
-             "AES": "--hps-checkpoint", "Overall": "all five", "Multi-ID": "--face-pack and/or --dinov2-dir",
-             "mIoU": "--detector-dir + layouts", "AP50": "--detector-dir + layouts"}
+    needs = {"CLIP-T": "--clip-dir", "Face-Sim": "--face-pack", "DINO-I": "--dino-dir", "CLIP-I": "--clip-dir",
+             "AES": "--hps-checkpoint", "Overall": "all five", "Multi-ID": "--face-pack and/or --dino-dir",
+             "DINO-I (Hungarian)": "--dino-dir", "CLIP-I (Hungarian)": "--clip-dir", "ID-Conf": "--face-pack",
+             "IP-Conf": "--dino-dir", "mIoU": "--detector-dir + layouts", "AP50": "--detector-dir + layouts"}
     for name, definition in METRICS.items():
         lines += textwrap.wrap(f"{name} [{needs[name]}]: {definition}", width=100, initial_indent="  ",
                                subsequent_indent="      ")
@@ -23,11 +24,13 @@ def metric_help() -> str:
 EPILOG = """
 outputs in --out: per_sample.json, per_sample.csv, table.md (one row per run, the papers' format),
 summary.json, plots/metrics.png (per-metric bars across runs), plots/worst_samples.png.
-Models are local folders or files only; nothing is downloaded.
+Models are local folders or files only; nothing is downloaded. Samples without a layout need --detector-dir
+to locate their subjects; otherwise DINO-I/CLIP-I compare each reference with the whole image, and table.md
+says so in a note ("objects not located"). The README's "Protocol" section states how each number is computed.
 example:
   python -m multisubject eval ours=runs/ours.json uno=runs/uno.json --out eval_out \\
       --insightface-root ComfyUI/models/insightface --face-pack antelopev2 \\
-      --dinov2-dir models/reward_models/dinov2-base --clip-dir models/reward_models/clip-vit-large-patch14 \\
+      --dino-dir models/reward_models/dino-vits16 --clip-dir models/reward_models/clip-vit-large-patch14 \\
       --hps-checkpoint models/reward_models/HPS_v2.1_compressed.pt --detector-dir models/reward_models/owlv2-base
 """
 
@@ -38,7 +41,7 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "eval",
         help="evaluate generated images against their references (Face-Sim, DINO-I, CLIP-I, CLIP-T, AES, Overall, "
-             "Multi-ID, mIoU, AP50)",
+             "Multi-ID, ID-Conf, IP-Conf, mIoU, AP50)",
         description="Evaluate one or more runs (methods) from manifests and tabulate them side by side.\n\n"
                     + metric_help(),
         epilog=EPILOG,
@@ -51,13 +54,18 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
                         help="folder holding models/<pack>/*.onnx (ComfyUI: models/insightface); repeatable")
     parser.add_argument("--face-pack", help="insightface pack name under the roots (antelopev2, buffalo_l) or its folder")
     parser.add_argument("--face-threshold", type=float, default=0.5, help="face detection score threshold (default: %(default)s)")
-    parser.add_argument("--dinov2-dir", help="local DINOv2 folder (save_pretrained layout) for DINO-I and Multi-ID objects")
+    parser.add_argument("--dino-dir", "--dinov2-dir", dest="dino_dir",
+                        help="local DINO folder (save_pretrained layout) for DINO-I, IP-Conf and Multi-ID objects: "
+                             "DINO v1 ViT-S/16 (facebook/dino-vits16, the DreamBench backbone) or DINOv2")
     parser.add_argument("--clip-dir", help="local CLIP folder with tokenizer files for CLIP-I and CLIP-T")
     parser.add_argument("--hps-checkpoint", help="local HPS_v2.1_compressed.pt for AES")
     parser.add_argument("--hps-arch", default=HPS_ARCH, help="open_clip architecture of the HPS checkpoint (default: %(default)s)")
-    parser.add_argument("--detector-dir", help="local OWLv2 (or OWL-ViT) folder for mIoU and AP50")
+    parser.add_argument("--detector-dir", help="local OWLv2 (or OWL-ViT) folder: mIoU and AP50, and locating the "
+                                               "subjects of samples without a layout")
+    parser.add_argument("--segmenter-dir", help="local SAM folder (SamModel, e.g. facebook/sam-vit-base): located "
+                                                "subjects are embedded as masked crops instead of boxes")
     parser.add_argument("--detection-threshold", type=float, default=DETECTION_THRESHOLD,
-                        help="detector score threshold for mIoU/AP50 (default: %(default)s)")
+                        help="detector score threshold (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, choices=[1.0, 100.0],
                         help="multiply table values: 1 (MultiCrafter style) or 100 (AnyMS style)")
     parser.add_argument("--worst", type=int, default=8, help="samples in plots/worst_samples.png (default: %(default)s)")
@@ -97,12 +105,17 @@ def run_eval(args: argparse.Namespace, log=print) -> int:
             raise FileNotFoundError(f"run '{name}': manifest {path} not found")
     faces = FaceEmbedder.load(args.face_pack, roots=args.insightface_root, det_threshold=args.face_threshold) \
         if args.face_pack else None
-    dino = ImageEmbedder.load(args.dinov2_dir, args.device, what="--dinov2-dir") if args.dinov2_dir else None
+    dino = ImageEmbedder.load(args.dino_dir, args.device, what="--dino-dir") if args.dino_dir else None
     clip = ImageEmbedder.load(args.clip_dir, args.device, what="--clip-dir") if args.clip_dir else None
     hps = HPSv2Scorer.load(args.hps_checkpoint, args.hps_arch, args.device) if args.hps_checkpoint else None
     detector = PhraseDetector.load(args.detector_dir, args.device, args.detection_threshold) \
         if args.detector_dir else None
-    evaluator = Evaluator(faces=faces, dino=dino, clip=clip, hps=hps, detector=detector)
+    if args.segmenter_dir and detector is None:
+        raise ValueError("--segmenter-dir masks the subjects the detector locates; give --detector-dir as well")
+    from .segment import BoxSegmenter
+
+    segmenter = BoxSegmenter.load(args.segmenter_dir, args.device) if args.segmenter_dir else None
+    evaluator = Evaluator(faces=faces, dino=dino, clip=clip, hps=hps, detector=detector, segmenter=segmenter)
     summaries = evaluate_runs(runs, evaluator, args.out, scale=args.scale, worst=args.worst,
                               progress=not args.no_progress, title=args.title, log=log)
     log((args.out / "table.md").read_text().rstrip())

@@ -29,31 +29,46 @@ from torch import Tensor
 
 from ..attention.layout import Layout
 from ..attention.subjects import Subject, Subjects
+from .confusion import identity_confusion, mean_defined, own_candidates
 from .faces import FaceEmbedder
-from .identity import IdentityResult, IdentityScorer, check_images, embed_object_references, object_matching
+from .identity import IdentityResult, IdentityScorer, check_images, embed_object_references
+from .locate import NOT_LOCATED, Candidates, ObjectLocator, object_candidates
+from .matching import match_identities
 from .metrics import HPSv2Scorer, PhraseDetector, average_precision_50, layout_ious
 from .objects import ImageEmbedder
 
-# name -> definition; the CLI help prints this list. Order = table column order.
+# name -> definition; the CLI help prints this list. Order = table column order. README "Protocol" says more.
 METRICS: dict[str, str] = {
     "CLIP-T": "cosine(CLIP image embedding of the whole generated image, CLIP text embedding of the prompt)",
     "Face-Sim": "ArcFace cosine between each face reference (largest face of its reference image) and the generated "
                 "face Hungarian-matched to it, averaged over face references; an unmatched reference counts 0",
-    "DINO-I": "cosine(DINOv2 CLS embedding of the generated subject region, of the reference), Hungarian-matched "
-              "over the layout's regions (whole image without a layout), averaged over all subjects",
+    "DINO-I": "cosine(DINO CLS embedding of subject k's reference, of the generated image's region k), no "
+              "re-matching, averaged over all subjects (negatives count 0). Without a layout: the located subjects "
+              "(detector boxes) Hungarian-matched to the references, unmatched 0; without a detector either, the "
+              "whole image (objects not located, footnoted)",
     "CLIP-I": "as DINO-I with CLIP image embeddings",
     "AES": "HPSv2 score: cosine(HPSv2 image features, HPSv2 text features of the prompt)",
     "Overall": "MultiCrafter's Overall: arithmetic mean of CLIP-T, Face-Sim, DINO-I, CLIP-I and AES",
-    "Multi-ID": "MultiCrafter's Multi-ID reward: faces (ArcFace) and other subjects (DINOv2, on layout regions) "
-                "Hungarian-matched in separate problems, summed and divided by the number of subjects",
-    "mIoU": "mean over subjects of IoU(target box of the layout region, best-scoring OWLv2 box for the subject's "
-            "label); 0 when nothing is detected",
-    "AP50": "average precision at IoU >= 0.5 over all (image, subject) queries of a run, one class; a detection "
-            "of a subject's label is a true positive when it overlaps that subject's target box",
+    "Multi-ID": "MultiCrafter's Multi-ID reward: faces (ArcFace) and other subjects (DINO, on layout regions or "
+                "located boxes) Hungarian-matched in separate problems, summed and divided by the number of subjects",
+    "DINO-I (Hungarian)": "as DINO-I, but with a layout the references are Hungarian-matched to the regions (a "
+                          "subject in another subject's box still scores); equal to DINO-I without a layout",
+    "CLIP-I (Hungarian)": "as DINO-I (Hungarian) with CLIP image embeddings",
+    "ID-Conf": "UMO's identity confusion for face references: min(1, (s1 - s2) / s1) over the ArcFace similarities "
+               "to the generated faces (s1 best, s2 second; with a layout s1 is the face in the subject's own region, "
+               "0 when it is not the best); 1 = no confusion; references facing fewer than 2 faces are left out",
+    "IP-Conf": "ID-Conf for every subject with DINO embeddings over the DINO-I candidates (layout regions or "
+               "located boxes)",
+    "mIoU": "mean over subjects of IoU(target box of the layout region, OWLv2 box for the subject's label), "
+            "same-label subjects assigned to boxes by Hungarian matching on IoU; 0 when none is left",
+    "AP50": "average precision at IoU >= 0.5 over all subjects of a run, one class; a detection of a label is a "
+            "true positive when its best-overlapping unclaimed target box of that label has IoU >= 0.5",
 }
 OVERALL_OF = ("CLIP-T", "Face-Sim", "DINO-I", "CLIP-I", "AES")
 PER_SAMPLE = [m for m in METRICS if m != "AP50"]  # AP50 exists only per run
 REFERENCE_CACHE = 512  # reference sets whose embeddings are kept
+NOT_LOCATED_NOTE = (f"{NOT_LOCATED} in {{count}} sample(s) of run {{run}}: no layout and no --detector-dir, so "
+                    "DINO-I/CLIP-I (and Multi-ID objects) compared each reference with the whole image")
 
 
 class ManifestError(ValueError):
@@ -81,12 +96,14 @@ class SampleResult:
     per_subject: list[float] = field(default_factory=list)
     error: str = ""
     identity: IdentityResult | None = None
-    detections: tuple | None = None  # (per-subject detections, target boxes) for AP50
+    detections: tuple | None = None  # (per-subject detections, target boxes, labels) for AP50
+    objects_located: bool | None = None  # False: subjects were compared with the whole image
 
     def row(self) -> dict:
         out = {"run": self.run, "index": self.index, "id": self.id, "image": self.image}
         out.update({m: self.metrics.get(m) for m in PER_SAMPLE})
         out["per_subject_identity"] = self.per_subject
+        out["objects_located"] = self.objects_located
         out["error"] = self.error
         return out
 
@@ -184,22 +201,28 @@ def _parse_layout(spec, root: Path, num_subjects: int, labels: list[str]) -> Lay
 
 
 class Evaluator:
-    """Computes every metric whose model is loaded; the others stay None (n/a)."""
+    """Computes every metric whose model is loaded; the others stay None (n/a).
+
+    ``dino``: DINO v1 (ViT-S/16, the DreamBench backbone) or DINOv2; it also scores Multi-ID's objects.
+    ``detector``: OWLv2 / OWL-ViT; layout accuracy (mIoU, AP50) and, for samples without a layout, locating the
+    subjects for DINO-I/CLIP-I/Multi-ID (optionally segmented by ``segmenter``).
+    """
 
     def __init__(self, faces: FaceEmbedder | None = None, dino: ImageEmbedder | None = None,
                  clip: ImageEmbedder | None = None, hps: HPSv2Scorer | None = None,
-                 detector: PhraseDetector | None = None) -> None:
+                 detector: PhraseDetector | None = None, segmenter=None) -> None:
         if not any((faces, dino, clip, hps, detector)):
             raise ValueError(
-                "no metric can be computed: give at least one model (--insightface-root/--face-pack, --dinov2-dir, "
+                "no metric can be computed: give at least one model (--insightface-root/--face-pack, --dino-dir, "
                 "--clip-dir, --hps-checkpoint, --detector-dir)"
             )
         if clip is not None and clip.kind != "clip":
             raise ValueError(f"--clip-dir must hold a CLIP model, {clip.folder} holds {clip.name}")
-        if dino is not None and dino.kind != "dinov2":
-            raise ValueError(f"--dinov2-dir must hold a DINOv2 model, {dino.folder} holds {dino.name}")
+        if dino is not None and dino.kind not in ("vit", "dinov2"):
+            raise ValueError(f"--dino-dir must hold a DINO (ViT) or DINOv2 model, {dino.folder} holds {dino.name}")
         self.faces, self.dino, self.clip, self.hps, self.detector = faces, dino, clip, hps, detector
-        self.identity = IdentityScorer(faces=faces, objects=dino) if (faces or dino) else None
+        self.locator = ObjectLocator(detector, segmenter) if detector is not None else None
+        self.identity = IdentityScorer(faces=faces, objects=dino, locator=self.locator) if (faces or dino) else None
         self._references: dict[tuple[str, str], object] = {}  # (what, reference_key) -> embeddings
 
     def _cached(self, what: str, sample: Sample, compute):
@@ -215,7 +238,9 @@ class Evaluator:
         have = {
             "CLIP-T": self.clip is not None and self.clip.tokenizer is not None, "Face-Sim": self.faces is not None,
             "DINO-I": self.dino is not None, "CLIP-I": self.clip is not None, "AES": self.hps is not None,
-            "Multi-ID": self.identity is not None, "mIoU": self.detector is not None, "AP50": self.detector is not None,
+            "Multi-ID": self.identity is not None, "DINO-I (Hungarian)": self.dino is not None,
+            "CLIP-I (Hungarian)": self.clip is not None, "ID-Conf": self.faces is not None,
+            "IP-Conf": self.dino is not None, "mIoU": self.detector is not None, "AP50": self.detector is not None,
         }
         have["Overall"] = all(have[m] for m in OVERALL_OF)
         return [m for m in METRICS if have[m]]
@@ -224,6 +249,7 @@ class Evaluator:
         image = check_images(load_image(sample.image, "generated image")[..., :3])[0]
         result = SampleResult(run, sample.index, sample.id, str(sample.image))
         m = result.metrics
+        located = []
         if self.identity is not None:
             refs = self._cached("identity", sample,
                                 lambda: self.identity.embed_references(sample.subjects, unscorable_ok=True))
@@ -233,33 +259,73 @@ class Evaluator:
             # a subject with no face and no object model cannot be scored: Multi-ID is then n/a
             m["Multi-ID"] = identity.score if "none" not in refs.kinds else None
             m["Face-Sim"] = identity.face_score if self.faces is not None else None
-        for name, embedder in (("DINO-I", self.dino), ("CLIP-I", self.clip)):
-            if embedder is not None:
-                refs = self._cached(name, sample, lambda e=embedder: embed_object_references(
-                    e, sample.subjects, range(len(sample.subjects))))
-                m[name] = object_matching(embedder, image, refs, sample.layout)[0].score
+            if identity.face_matching is not None:
+                m["ID-Conf"] = self._face_confusion(identity, refs.face_subjects, sample.layout, image)
+            if identity.objects_located is not None:
+                located.append(identity.objects_located)
+        if self.dino is not None or self.clip is not None:
+            candidates = object_candidates(image, sample.subjects.labels, sample.layout, self.locator)
+            located.append(candidates.located)
+            for name, embedder in (("DINO-I", self.dino), ("CLIP-I", self.clip)):
+                if embedder is not None:
+                    refs = self._cached(name, sample, lambda e=embedder: embed_object_references(
+                        e, sample.subjects, range(len(sample.subjects))))
+                    self._subject_similarity(m, name, embedder, refs, candidates)
         if self.clip is not None and self.clip.tokenizer is not None:
             m["CLIP-T"] = float(self.clip.embed_images([image])[0] @ self.clip.embed_texts([sample.prompt])[0])
         if self.hps is not None:
             m["AES"] = float(self.hps([image], [sample.prompt])[0])
         if self.detector is not None and sample.layout is not None:
-            height, width = image.shape[:2]
-            sample.layout.check_aspect(height, width, what="image")
-            targets = torch.tensor([[b[0] * width, b[1] * height, b[2] * width, b[3] * height]
-                                    for b in (r.bounding_box() for r in sample.layout.regions)])
-            phrases = [label or "object" for label in sample.subjects.labels]
-            detections = self.detector.detect(image, phrases)
-            m["mIoU"] = float(layout_ious(detections, targets).mean())
-            result.detections = (detections, targets)
+            targets = _target_boxes(sample.layout, image)
+            labels = [label or "object" for label in sample.subjects.labels]
+            detections = self.detector.detect(image, labels)
+            m["mIoU"] = float(layout_ious(detections, targets, labels).mean())
+            result.detections = (detections, targets, labels)
         parts = [m.get(k) for k in OVERALL_OF]
         m["Overall"] = sum(parts) / len(parts) if all(p is not None for p in parts) else None
+        result.objects_located = all(located) if located else None
         return result
+
+    @staticmethod
+    def _subject_similarity(m: dict, name: str, embedder: ImageEmbedder, refs: Tensor, candidates: Candidates) -> None:
+        """DINO-I / CLIP-I (reference k vs region k), their Hungarian variant and, for DINO, IP-Conf."""
+        similarity = refs @ embedder.embed_images(candidates.crops).T  # (S, K)
+        if candidates.source == "layout":  # region k is subject k's: no re-matching
+            m[name] = float(similarity.diagonal().clamp(min=0).mean())
+            m[f"{name} (Hungarian)"] = match_identities(similarity).score
+            own = torch.arange(len(refs))
+        elif candidates.source == "detector":  # located: which box is whose is only known by matching
+            m[name] = m[f"{name} (Hungarian)"] = match_identities(similarity).score
+            own = None
+        else:  # not located: each reference against the whole image (DreamBench)
+            m[name] = m[f"{name} (Hungarian)"] = float(similarity[:, 0].clamp(min=0).mean())
+            own = None
+        if name == "DINO-I":
+            m["IP-Conf"] = mean_defined(identity_confusion(similarity, own))
+
+    @staticmethod
+    def _face_confusion(identity: IdentityResult, face_subjects: list[int], layout: Layout | None,
+                        image: Tensor) -> float | None:
+        similarity = identity.face_matching.similarity  # (face references, detected faces)
+        own = None
+        if layout is not None:
+            own = own_candidates(identity.face_boxes, _target_boxes(layout, image)[face_subjects])
+        return mean_defined(identity_confusion(similarity, own))
+
+
+def _target_boxes(layout: Layout, image: Tensor) -> Tensor:
+    """Shapes: returns (S, 4) pixels: each region's bounding box on ``image``."""
+    height, width = image.shape[:2]
+    layout.check_aspect(height, width, what="image")
+    return torch.tensor([[b[0] * width, b[1] * height, b[2] * width, b[3] * height]
+                         for b in (r.bounding_box() for r in layout.regions)])
 
 
 def summarise(results: list[SampleResult]) -> dict:
     """Per-run means over the samples that were evaluated, plus AP50, counts and failures."""
     good = [r for r in results if not r.error]
-    summary = {"n": len(good), "failed": len(results) - len(good)}
+    summary = {"n": len(good), "failed": len(results) - len(good),
+               "not_located": sum(r.objects_located is False for r in good)}
     for metric in PER_SAMPLE:
         values = [r.metrics[metric] for r in good if r.metrics.get(metric) is not None]
         summary[metric] = sum(values) / len(values) if values else None
@@ -283,7 +349,9 @@ def format_table(summaries: dict[str, dict], metrics: list[str], scale: float = 
             cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value))
                          else f"{value * scale:.{2 if scale != 1 else 4}f}")
         lines.append(f"| {run} | " + " | ".join(cells) + f" | {summary['n']} | {summary['failed']} |")
-    return "\n".join(lines) + "\n"
+    notes = [NOT_LOCATED_NOTE.format(count=s["not_located"], run=run)
+             for run, s in summaries.items() if s.get("not_located")]
+    return "\n".join(lines) + "\n" + "".join(f"\nNote: {note}.\n" for note in notes)
 
 
 def _csv_value(value):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..attention.files import reading
 from .deps import require
 
 log = logging.getLogger("multisubject")
@@ -155,7 +156,7 @@ class FaceEmbedder:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         use_gpu = "CUDAExecutionProvider" in providers
         chatter = io.StringIO()  # insightface prints every model it finds; keep it out of stdout
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), reading(pack_dir, "insightface pack", "copy the pack folder again"):
             app = FaceAnalysis(name=str(pack_dir), providers=providers, allowed_modules=["detection", "recognition"])
         missing = [m for m in ("detection", "recognition") if m not in app.models]
         if missing:

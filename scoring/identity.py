@@ -4,9 +4,10 @@ Implements MultiCrafter's Multi-ID Alignment Reward R_id (spec §5.4, recommende
 
 * faces: every face detected in the generated image (score >= threshold) is a candidate; a face
   reference is the mean ArcFace embedding of the largest face in each of its reference images;
-* objects: the candidates are the layout's regions (masked crops, white background) when a layout is
-  given. Without a layout the whole image stands in for every object reference, as in the DreamBench
-  protocol (each reference is compared with the whole image; nothing to match);
+* objects: located, then matched (``locate``): the candidates are the layout's regions (masked crops, white
+  background) when a layout is given, else the boxes an open-vocabulary detector finds for the object subjects'
+  labels. With neither, the whole image stands in for every object reference (DreamBench: each reference is
+  compared with the whole image, nothing to match) and the result says "objects not located";
 * faces and objects are matched in separate Hungarian problems; the score is the sum of matched
   similarities (clamped at 0) divided by the number of subjects, so a missing subject scores 0, an extra
   detection earns nothing and one identity repeated twice is credited once.
@@ -17,6 +18,7 @@ found in its reference image(s); otherwise it is an object.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,8 +28,11 @@ from torch import Tensor
 from ..attention.layout import Layout
 from ..attention.subjects import Subjects
 from .faces import FaceEmbedder
+from .locate import NOT_LOCATED, Candidates, ObjectLocator, object_candidates
 from .matching import Matching, match_identities
-from .objects import ImageEmbedder, box_to_pixels, masked_crop
+from .objects import ImageEmbedder, masked_crop
+
+log = logging.getLogger("multisubject")
 
 KINDS = ("auto", "face", "object")
 
@@ -73,46 +78,23 @@ def embed_object_references(embedder: ImageEmbedder, subjects: Subjects, indices
     return torch.stack(rows)
 
 
-def region_candidates(image: Tensor, layout: Layout | None) -> tuple[list[Tensor], Tensor]:
-    """Candidate subject crops of a generated image: one per layout region, or the whole image.
+def object_matching(embedder: ImageEmbedder, references: Tensor, candidates: Candidates) -> Matching:
+    """Match object references to candidate crops (Hungarian), or compare each with the whole image.
 
     Shapes:
-        image: (H, W, 3)
-        returns crops, and boxes (K, 4) float pixels x0, y0, x1, y1
+        references: (M, D); returns Matching over (M, K)
     """
-    height, width = image.shape[:2]
-    if layout is None:
-        return [image], torch.tensor([[0.0, 0.0, float(width), float(height)]])
-    layout.check_aspect(height, width, what="image")
-    masks = layout.rasterize()
-    if tuple(masks.shape[1:]) != (height, width):  # same aspect, other size: resample the masks, not the image
-        masks = torch.nn.functional.interpolate(masks[None], size=(height, width), mode="bilinear")[0]
-    crops, boxes = [], []
-    for region, mask in zip(layout.regions, masks):
-        box = box_to_pixels(region.bounding_box(), height, width)
-        crops.append(masked_crop(image, box, None if region.is_box else mask))
-        boxes.append([float(v) for v in box])
-    return crops, torch.tensor(boxes)
-
-
-def object_matching(embedder: ImageEmbedder, image: Tensor, references: Tensor,
-                    layout: Layout | None) -> tuple[Matching, Tensor]:
-    """Match object references to layout-region crops (or compare each with the whole image).
-
-    Shapes:
-        image: (H, W, 3); references: (M, D)
-        returns Matching over (M, K) and candidate boxes (K, 4) pixels
-    """
-    crops, boxes = region_candidates(image, layout)
     if references.shape[0] == 0:
-        return match_identities(torch.zeros(0, len(crops))), boxes
-    similarity = references @ embedder.embed_images(crops).T  # (M, K)
-    if layout is None:  # DreamBench: every reference against the whole image, no competition for it
+        return match_identities(torch.zeros(0, len(candidates.crops)))
+    if not candidates.crops:
+        return match_identities(torch.zeros(references.shape[0], 0))
+    similarity = references @ embedder.embed_images(candidates.crops).T  # (M, K)
+    if not candidates.located:  # DreamBench: every reference against the whole image, no competition for it
         sim = similarity[:, 0]
         if torch.isnan(sim).any():
             match_identities(similarity)  # raises the NaN message
-        return Matching(similarity, torch.zeros(len(sim), dtype=torch.long), sim.clamp(min=0.0)), boxes
-    return match_identities(similarity), boxes
+        return Matching(similarity, torch.zeros(len(sim), dtype=torch.long), sim.clamp(min=0.0))
+    return match_identities(similarity)
 
 
 @dataclass(frozen=True)
@@ -147,8 +129,10 @@ class IdentityResult:
 
     Shapes:
         per_subject:  (S,) matched similarity per subject (subject order), 0 when unmatched
-        face_boxes:   (K_f, 4) pixels of detected faces; object_boxes: (K_o, 4) pixels of candidate regions
+        face_boxes:   (K_f, 4) pixels of detected faces; object_boxes: (K_o, 4) pixels of object candidates
         assignment:   (S,) candidate index within its kind's boxes, -1 when unmatched
+    ``object_source``: where the object candidates came from ("layout", "detector", "whole image"; "" when no
+    subject is an object); "whole image" means the objects were not located.
     """
 
     score: float
@@ -159,6 +143,12 @@ class IdentityResult:
     object_boxes: Tensor
     face_matching: Matching | None
     object_matching: Matching | None
+    object_source: str = ""
+
+    @property
+    def objects_located(self) -> bool | None:
+        """False when object subjects were compared with the whole image; None when there are none."""
+        return None if not self.object_source else self.object_source != "whole image"
 
     @property
     def face_score(self) -> float | None:
@@ -182,7 +172,7 @@ class IdentityScorer:
     """
 
     def __init__(self, faces: FaceEmbedder | None = None, objects: ImageEmbedder | None = None,
-                 kind: str = "auto") -> None:
+                 kind: str = "auto", locator: ObjectLocator | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if faces is None and objects is None:
@@ -194,17 +184,25 @@ class IdentityScorer:
         self.faces = faces
         self.objects = objects
         self.kind = kind
+        self.locator = locator  # finds object subjects when no layout is given; None: whole image (not located)
+        self._warned_not_located = False
 
     @classmethod
     def from_paths(cls, face_pack: str | None = None, insightface_roots: Sequence[str] = (),
                    object_model: str | None = None, kind: str = "auto", det_threshold: float = 0.5,
-                   device: str | None = None) -> IdentityScorer:
+                   device: str | None = None, detector: str | None = None,
+                   detection_threshold: float | None = None) -> IdentityScorer:
         """Load the scorer from local files (a trainer's config): a face pack (name under the roots, or a
-        folder) and/or a DINOv2/CLIP folder. Nothing is downloaded; missing files raise naming them."""
+        folder), a DINOv2/CLIP/DINO folder for objects and an OWLv2 / OWL-ViT folder that locates them.
+        Nothing is downloaded; missing files raise naming them."""
+        from .metrics import DETECTION_THRESHOLD, PhraseDetector
+
         faces = FaceEmbedder.load(face_pack, roots=list(insightface_roots), det_threshold=det_threshold) \
             if face_pack else None
         objects = ImageEmbedder.load(object_model, device, what="object model") if object_model else None
-        return cls(faces=faces, objects=objects, kind=kind)
+        threshold = DETECTION_THRESHOLD if detection_threshold is None else detection_threshold
+        locator = ObjectLocator(PhraseDetector.load(detector, device, threshold)) if detector else None
+        return cls(faces=faces, objects=objects, kind=kind, locator=locator)
 
     def embed_references(self, subjects: Subjects, unscorable_ok: bool = False) -> ReferenceSet:
         """Decide each subject's kind and embed its references.
@@ -271,13 +269,23 @@ class IdentityScorer:
                           else torch.zeros(len(references.face_subjects), 0))
             face_match = match_identities(similarity)
             _scatter(per_subject, assignment, references.face_subjects, face_match)
+        source = ""
         if references.object_subjects:
-            object_match, object_boxes = object_matching(self.objects, image, references.object_embeddings, layout)
+            labels = [references.subjects[i].label for i in references.object_subjects]
+            candidates = object_candidates(image, labels, layout, self.locator)
+            object_match, object_boxes, source = (
+                object_matching(self.objects, references.object_embeddings, candidates), candidates.boxes,
+                candidates.source)
             _scatter(per_subject, assignment, references.object_subjects, object_match)
+            if not candidates.located and not self._warned_not_located:
+                self._warned_not_located = True
+                log.warning("identity: %s: no layout and no object detector, so each object reference is compared "
+                            "with the whole image (a blended 'average object' scores like the right one); configure "
+                            "an OWLv2 detector to locate them", NOT_LOCATED)
         return IdentityResult(
             score=float(per_subject.sum()) / num_subjects, kinds=references.kinds, per_subject=per_subject,
             assignment=assignment, face_boxes=face_boxes, object_boxes=object_boxes,
-            face_matching=face_match, object_matching=object_match,
+            face_matching=face_match, object_matching=object_match, object_source=source,
         )
 
     def score_batch(self, images: Tensor, subjects, layout=None) -> list[IdentityResult]:
@@ -308,7 +316,8 @@ class IdentityScorer:
             subjects: ``Subjects`` or a ``ReferenceSet`` from ``embed_references`` (embed once, reuse), or a
                 sequence of B of them (one per image, e.g. a GRPO batch mixing prompts).
             layout: optional ``Layout`` (or a sequence of B, entries may be None); its regions are where the
-                object subjects are looked for. Without one, objects are compared with the whole image.
+                object subjects are looked for. Without one they are located by the detector, if configured,
+                else compared with the whole image ("objects not located").
 
         Shapes:
             returns (B,) float32 on the CPU, each in [0, 1]

@@ -4,7 +4,9 @@ Implements the Hungarian step of MultiCrafter's Multi-ID Alignment Reward (Eq. 1
 the spec): ``X* = argmax_X sum_ij C_ij X_ij`` with each reference and each detection used at most once.
 The score is the mean over *references* of the matched similarity (clamped at 0), so a missing subject
 contributes 0 and an extra detection earns nothing; an image that repeats one identity twice can be
-credited for it only once.
+credited for it only once. The assignment maximises that same clamped objective: negatives are clamped to 0
+*before* assignment, so a pair that cannot score is never preferred over one that can (on raw similarities the
+solver would trade a positive pair away to avoid a very negative one that scores 0 anyway).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-
-SIMILARITY_FLOOR = -1.0  # finite stand-in for "cannot match" (never -inf: scipy rejects infeasible matrices)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def match_identities(similarity: Tensor) -> Matching:
 
     Rectangular matrices are fine: with more detections than references the extras stay unmatched; with
     fewer, some references stay unmatched and score 0. NaN entries are an error (they would silently
-    turn into arbitrary matches); ``-inf`` entries are floored to ``SIMILARITY_FLOOR``.
+    turn into arbitrary matches); ``-inf`` entries count as "cannot match" (0, like every negative entry).
 
     Shapes:
         similarity: (M, K) float
@@ -64,13 +64,13 @@ def match_identities(similarity: Tensor) -> Matching:
             "files and that images are finite, RGB in [0, 1]"
         )
     num_refs, num_dets = similarity.shape
-    sim = similarity.detach().double().cpu().nan_to_num(neginf=SIMILARITY_FLOOR, posinf=1.0)
-    sim = sim.clamp(min=SIMILARITY_FLOOR)
+    # the objective is what the score counts: negative similarities (and -inf: scipy rejects it) earn 0
+    sim = similarity.detach().double().cpu().nan_to_num(neginf=0.0, posinf=1.0).clamp(min=0.0)
     assignment = torch.full((num_refs,), -1, dtype=torch.long)
     matched = torch.zeros(num_refs, dtype=torch.float32)
     if num_refs and num_dets:
         rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
         assignment[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
-        matched[torch.from_numpy(rows)] = sim[rows, cols].clamp(min=0.0).float()
+        matched[torch.from_numpy(rows)] = sim[rows, cols].float()
     return Matching(similarity=similarity.detach().float().cpu(), assignment=assignment, matched=matched)
 

@@ -1,4 +1,8 @@
-"""Object identity: DINOv2 / CLIP image embeddings (and CLIP text embeddings) from local HF folders.
+"""Object identity: DINO (v1, ViT) / DINOv2 / CLIP image embeddings (and CLIP text embeddings) from local HF folders.
+
+DINO v1 ViT-S/16 (``facebook/dino-vits16``, model_type ``vit``) is the DreamBench DINO-I backbone; its embedding
+is the final-layer-normed CLS token (``last_hidden_state[:, 0]``; ViTModel's pooler is not part of DINO and is
+not loaded). DINOv2's is ``pooler_output`` (the layer-normed CLS). CLIP's is the projected image embedding.
 
 A model folder is what ``save_pretrained`` writes: ``config.json``, ``model.safetensors`` (or
 ``pytorch_model.bin``), ``preprocessor_config.json`` and, for CLIP text, tokenizer files. Folders are
@@ -16,12 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..attention.files import reading
 from .deps import require
 from .faces import refuse_hub_id
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4.x / 5.x processors
-SUPPORTED = {"dinov2": "DINOv2", "clip": "CLIP"}
+SUPPORTED = {"vit": "DINO (ViT)", "dinov2": "DINOv2", "clip": "CLIP"}
+REFETCH = "download the folder again (huggingface-cli download <id> --local-dir <folder>) or re-save it"
 BACKGROUND = 1.0  # masked crops get a white background (MultiCrafter's recipe)
 
 
@@ -48,6 +54,13 @@ def check_model_dir(path: str | Path, what: str) -> Path:
     return folder
 
 
+def read_model_type(folder: Path, what: str) -> str:
+    """``model_type`` of a folder's config.json; a damaged config.json is named with the fix."""
+    with reading(folder / "config.json", f"{what} config", REFETCH):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return str(config.get("model_type", ""))
+
+
 def masked_crop(image: Tensor, box_px: tuple[int, int, int, int], mask: Tensor | None = None) -> Tensor:
     """Crop ``box_px`` out of ``image``; pixels outside ``mask`` become white.
 
@@ -69,7 +82,7 @@ def _to_pil(image: Tensor) -> Image.Image:
 
 
 class ImageEmbedder:
-    """DINOv2 (CLS / pooler output) or CLIP (projected image and text embeddings), L2-normalised."""
+    """DINO v1 / DINOv2 (CLS) or CLIP (projected image and text embeddings), L2-normalised."""
 
     def __init__(self, model, processor, kind: str, folder: Path, tokenizer=None, device: str | None = None) -> None:
         self.model = model.eval()
@@ -84,20 +97,23 @@ class ImageEmbedder:
     def load(cls, path: str | Path, device: str | None = None, what: str = "image embedder") -> ImageEmbedder:
         folder = check_model_dir(path, what)
         transformers = require("transformers", what)
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+        model_type = read_model_type(folder, what)
         if model_type not in SUPPORTED:
             raise ValueError(
                 f"{what}: {folder} holds a '{model_type}' model; expected one of {', '.join(SUPPORTED.values())} "
                 f"(config.json model_type {' or '.join(repr(k) for k in SUPPORTED)})"
             )
-        processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         tokenizer = None
-        if model_type == "dinov2":
-            model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
-        else:
-            model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
-            if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-                tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        with reading(folder, f"{what} ({SUPPORTED[model_type]})", REFETCH):
+            processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            if model_type == "vit":
+                model = transformers.ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+            elif model_type == "dinov2":
+                model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+            else:
+                model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
+                if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+                    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         return cls(model, processor, model_type, folder, tokenizer, device)
 
     @property
@@ -111,7 +127,9 @@ class ImageEmbedder:
             return torch.zeros(0, 0)
         pixels = self.processor(images=[_to_pil(im) for im in images], return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device)
-        if self.kind == "dinov2":
+        if self.kind == "vit":
+            features = self.model(pixel_values=pixels).last_hidden_state[:, 0]
+        elif self.kind == "dinov2":
             features = self.model(pixel_values=pixels).pooler_output
         else:
             out = self.model.get_image_features(pixel_values=pixels)

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..attention.preview import region_colour
 from ..attention.subjects import Subjects
 from .identity import IdentityResult
+from .locate import NOT_LOCATED
 
 UNMATCHED = (220, 40, 40)
 UNUSED_BOX = (150, 150, 150)
@@ -35,6 +36,12 @@ def _caption(name: str, result: IdentityResult, s: int) -> str:
     if int(result.assignment[s]) < 0:
         return f"{name}\n{kind}: unmatched (0)"
     return f"{name}\n{kind} {float(result.per_subject[s]):.3f}"
+
+
+def report_caption(result: IdentityResult, title: str = "") -> str:
+    """The report's headline: title, score, and "objects not located" when objects met the whole image."""
+    caption = f"{title}  identity {result.score:.3f}".strip()
+    return f"{caption}  ({NOT_LOCATED}: whole image)" if result.objects_located is False else caption
 
 
 def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subjects, title: str = "") -> Tensor:
@@ -87,7 +94,7 @@ def render_identity_report(image: Tensor, result: IdentityResult, subjects: Subj
             draw.line([(x0, top + 2), (x0 + ref.width, top + 2 + ref.height)], fill=UNMATCHED, width=3)
             draw.line([(x0 + ref.width, top + 2), (x0, top + 2 + ref.height)], fill=UNMATCHED, width=3)
             draw.multiline_text((text_x, top + 4), captions[s], fill=UNMATCHED, font=font)
-    caption = f"{title}  identity {result.score:.3f}".strip()
+    caption = report_caption(result, title)
     text_box = draw.textbbox((4, 4), caption, font=font)
     draw.rectangle(text_box, fill=(0, 0, 0))
     draw.text((4, 4), caption, fill=(255, 255, 255), font=font)

@@ -29,4 +29,14 @@ if [ -n "$COMFYUI" ]; then
 else
   echo "setup: ComfyUI not found (set COMFYUI_PATH); the ComfyUI test tier will be skipped"
 fi
+# browser test tier: the `playwright` package (a dev extra) drives the system's Chromium, never a downloaded one
+if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "${CHROMIUM_PATH:-}" ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing Chromium with apt for the browser tests"
+  apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
+else
+  echo "setup: Chromium not found, so the browser test tier will be skipped. Install it as root" \
+    "(Debian/Ubuntu: sudo apt-get install chromium) or point CHROMIUM_PATH at a Chromium binary"
+fi
 echo "$key" > "$VENV/.setup-key"

@@ -32,8 +32,9 @@ def build_backend(model: ModelConfig, lora: LoRAConfig, moe: MoEConfig, run: Run
 
     base_dtype = torch.bfloat16 if run.precision == "bf16" and device.type == "cuda" else torch.float32
     flux = load_flux(model, dtype=base_dtype, seed=run.seed).model.diffusion_model
-    cores = lora.to_core(len(flux.double_blocks), len(flux.single_blocks)), moe.to_core(len(flux.double_blocks))
-    backend = FluxBackend(flux, *cores, grad_checkpointing=run.grad_checkpointing).to(device)
+    core_lora = lora.to_core(len(flux.double_blocks), len(flux.single_blocks))
+    backend = FluxBackend(flux, core_lora, moe.to_core(len(flux.double_blocks)), run.grad_checkpointing,
+                          lora.out_rows(core_lora, flux.hidden_size)).to(device)
     for _, p in backend.trainable_parameters():
         p.data = p.data.float()
     if run.fsdp and info is not None and info.world_size > 1:
@@ -64,7 +65,8 @@ def export_weights(backend, train_config: dict[str, Any], path: str | Path, writ
     def tensor(module, attr: str) -> Tensor:
         return full[f"{prefixes[id(module)]}.{attr}"].float()
 
-    lora = {p: LoRAPair(tensor(m, "lora_A"), tensor(m, "lora_B")) for p, m in backend.loras.items()}
+    # a LoRA on part of its Linear's outputs is stored as one of the whole Linear (zero rows past its own)
+    lora = {p: LoRAPair(tensor(m, "lora_A"), m.exported_B(tensor(m, "lora_B"))) for p, m in backend.loras.items()}
     moe = {p: MoEExperts(*(tensor(m, a) for a in ("router", "lora_A", "lora_B"))) for p, m in backend.moes.items()}
     weights = MultiCrafterWeights(backend.moe_config or MoELoRAConfig(targets=()), moe,
                                   backend.lora_config or CoreLoRAConfig(targets=()), lora, train_config=train_config)

@@ -151,8 +151,17 @@ def config_from_checkpoint(checkpoint: Path, extra: list[str]):
 
 def upgrade_config_dict(saved: dict) -> dict:
     """A config saved by an earlier version, as this version writes it: the `trainer` key added (from the
-    sections), renamed keys moved (with their deprecation messages)."""
+    sections), renamed keys moved (with their deprecation messages), removed keys dropped, and keys added since
+    set to what that version did where their default now does something else (``gspo.minibatches`` = 1: it took
+    one optimizer step per rollout batch), so a resumed run is refused on the difference rather than changed."""
     from .config import from_dict
 
     trainer = saved.get("trainer") or ("ippo" if set(saved) & set(IPPO_SECTIONS) else "idar")
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    if trainer == "ippo":
+        if saved.get("reward", {}).pop("use_layout", False):
+            log.warning("reward.use_layout is gone: rewards get no layout (the identity reward locates object "
+                        "subjects with reward.detector_dir instead); dropped from the saved config")
+        if "gspo" in saved:
+            saved["gspo"].setdefault("minibatches", 1)
     return from_dict(config_class(trainer), {**saved, "trainer": trainer}).to_dict()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ class IDARCapture:
 
     layout: TokenLayout
     use_checkpoint: bool = False
+    direction: str = "reference_to_image"  # loss.idar_direction (attention.attention_maps.DIRECTIONS)
     maps: list[Tensor] = field(default_factory=list)
 
 
@@ -155,15 +157,16 @@ class FluxBackend(nn.Module):
     optimizer sees; the base stays frozen."""
 
     def __init__(self, diffusion_model: nn.Module, lora: LoRAConfig | None, moe: MoELoRAConfig | None = None,
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, lora_rows: Mapping[str, int] | None = None) -> None:
         """``lora``/``moe``: the core adapter configs with their module paths (a trainer config's ``to_core``);
-        None = no such adapter."""
+        None = no such adapter. ``lora_rows``: LoRA paths that change only their Linear's first outputs (a trainer
+        config's ``LoRAConfig.out_rows``, e.g. UNO's single-block q/k/v LoRA); exported zero-padded."""
         super().__init__()
         self.flux = diffusion_model.requires_grad_(False)  # the base stays frozen; only the adapters below train
         self.grad_checkpointing = grad_checkpointing
         self.lora_config, self.moe_config = lora, moe
-        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, list(lora.targets), lora.rank, lora.alpha) \
-            if lora is not None else {}
+        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, list(lora.targets), lora.rank, lora.alpha,
+                                                        dict(lora_rows or {})) if lora is not None else {}
         self.moes: dict[str, MoELoRA] = inject_moe(self.flux, moe) if moe is not None else {}
         self.routing: list[tuple[Tensor, Tensor]] = []  # (router logits (T, E), experts (T, k)) of the last forward
         for module in self.moes.values():
@@ -177,15 +180,16 @@ class FluxBackend(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, inputs: FluxInputs, idar_blocks: list[int] | None = None,
-                capture_checkpoint: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """Predict the velocity; with ``idar_blocks`` also return those blocks' reference->image maps.
+                capture_checkpoint: bool = True, idar_direction: str = "reference_to_image") -> tuple[Tensor, list[Tensor]]:
+        """Predict the velocity; with ``idar_blocks`` also return those blocks' per-subject attention maps in
+        ``idar_direction`` (``losses.supervised_maps``).
         ``capture_checkpoint`` recomputes the maps' (B, H, rows, N) probabilities in backward instead of keeping them
         (one extra matmul + softmax per subject and block; q and k are stored anyway).
 
         Shapes:
             returns v (B, C, h, w) and a list of (B, S, L), one per supervised block
         """
-        capture = IDARCapture(token_layout(inputs), capture_checkpoint) if idar_blocks else None
+        capture = IDARCapture(token_layout(inputs), capture_checkpoint, idar_direction) if idar_blocks else None
         self.routing.clear()
         options = self._transformer_options(capture, set(idar_blocks or ()))
         batch = inputs.x_t.shape[0]
@@ -265,7 +269,8 @@ class _IDARAttention:
     def __call__(self, func, q, k, v, heads, **kwargs):
         options = kwargs.get("transformer_options") or {}
         if options.get(IDAR_BLOCK_KEY) is not None:
-            self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint))
+            self.capture.maps.append(supervised_maps(q, k, self.capture.layout, self.capture.use_checkpoint,
+                                                     self.capture.direction))
         return func(q, k, v, heads, **kwargs)
 
 

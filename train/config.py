@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..attention.attention_maps import DIRECTIONS
 from ..attention.moe_lora import MoELoRAConfig
 from ..attention.weights import LoRAConfig as CoreLoRAConfig
 
@@ -82,6 +83,9 @@ class LoRAConfig:
     targets: tuple[str, ...] = LORA_TARGETS  # which Linear layers of every block get a LoRA
     double_blocks: tuple[int, ...] = ()  # restrict to these double blocks; () = all
     single_blocks: tuple[int, ...] = ()  # restrict to these single blocks; () = all
+    # single blocks' linear1 LoRA on its q/k/v outputs only, as UNO (qkv part of linear1 + all of linear2); off: on all
+    # of linear1 (also the MLP input). Exported zero-padded to the whole linear1 (the stock LoraLoader applies it)
+    linear1_qkv_only: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -103,6 +107,14 @@ class LoRAConfig:
             if not self.single_blocks or i in self.single_blocks:
                 paths += [f"single_blocks.{i}.{t}" for t in self.targets if t in ("linear1", "linear2")]
         return CoreLoRAConfig(rank=self.rank, alpha=self.alpha or float(self.rank), targets=tuple(paths))
+
+    def out_rows(self, core: CoreLoRAConfig | None, hidden_size: int) -> dict[str, int]:
+        """The LoRAs of ``core`` (``to_core``'s) that change only their Linear's first outputs: with
+        ``linear1_qkv_only``, each single block's ``linear1`` ([q | k | v | mlp_in]) on its 3 · ``hidden_size``
+        q/k/v rows (UNO); {} otherwise."""
+        if core is None or not self.linear1_qkv_only:
+            return {}
+        return {p: 3 * hidden_size for p in core.targets if p.startswith("single_blocks.") and p.endswith(".linear1")}
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,9 @@ class LossConfig:
     dice_eps: float = 1.0  # Dice smoothing epsilon
     idar_blocks: tuple[int, ...] = ()  # double blocks whose ref->image attention is supervised; () = all
     idar_max_t: float = 1.0  # skip the IDAR loss for samples with t above this (1 = never skip)
+    # which attention IDAR supervises: reference_to_image (spec §3.2: reference queries over all keys, image columns)
+    # | image_to_reference (ablation: each image token's attention to a subject's reference; subjects compete per pixel)
+    idar_direction: str = "reference_to_image"
     timestep_shift: bool = True  # sample t from the resolution-shifted schedule (UNO / FLUX)
 
     def __post_init__(self) -> None:
@@ -158,6 +173,8 @@ class LossConfig:
             raise ValueError(f"loss.idar_weight must be >= 0 and loss.dice_eps > 0, got {self.idar_weight}/{self.dice_eps}")
         if not 0.0 < self.idar_max_t <= 1.0:
             raise ValueError(f"loss.idar_max_t must be in (0, 1], got {self.idar_max_t}")
+        if self.idar_direction not in DIRECTIONS:
+            raise ValueError(f"loss.idar_direction must be one of {DIRECTIONS}, got {self.idar_direction!r}")
 
 
 @dataclass(frozen=True)

@@ -30,18 +30,27 @@ class GSPOConfig:
     """Knobs of the GSPO update (defaults: multicrafter.md §5.3)."""
 
     clip_range: float = 1e-4  # β: the sequence ratio is clipped to [1 − β, 1 + β] (per-element-mean log-probs)
+    clip_range_high: float = 0.0  # upper side 1 + this instead of 1 + β, as GSPO's ε_low/ε_high (3e-4/4e-4); 0 = β
     kl_coef: float = 0.0  # weight of MixGRPO's approximate KL 0.5·(log π − log π_old)²; 0 = off (GSPO default)
     advantage_clamp: float = 5.0  # clamp A to ±this (MixGRPO adv_clip_max); 0 = off
     aggregation: str = "sum_then_normalize"  # sum_then_normalize (Eq. 11) | normalize_then_sum (see RewardAggregation)
+    # optimizer steps per rollout batch: the batch is shuffled into this many mini-batches, one step each, every ratio
+    # taken against the rollout's log-probs (GSPO: 4). 1 = GRPO-equivalent ablation: the only gradient is taken at
+    # θ = θ_old, where every ratio is 1 and the clip never acts
+    minibatches: int = 4
 
     def __post_init__(self) -> None:
         problems = []
         if not 0.0 < self.clip_range < 1.0:
             problems.append(f"clip_range must be in (0, 1), got {self.clip_range}")
+        if self.clip_range_high < 0:
+            problems.append(f"clip_range_high must be >= 0 (0 = clip_range), got {self.clip_range_high}")
         if self.kl_coef < 0:
             problems.append(f"kl_coef must be >= 0 (0 turns the KL term off), got {self.kl_coef}")
         if self.advantage_clamp < 0:
             problems.append(f"advantage_clamp must be >= 0 (0 turns the clamp off), got {self.advantage_clamp}")
+        if self.minibatches < 1:
+            problems.append(f"minibatches must be >= 1 optimizer step per rollout batch, got {self.minibatches}")
         try:
             object.__setattr__(self, "aggregation", RewardAggregation(self.aggregation))
         except ValueError:
@@ -49,6 +58,11 @@ class GSPOConfig:
             problems.append(f"aggregation must be one of {choices}, got {self.aggregation!r}")
         if problems:
             raise ValueError("invalid GSPO config: " + "; ".join(problems))
+
+    @property
+    def clip(self) -> tuple[float, float]:
+        """(ε_low, ε_high): the sequence ratio is clipped to [1 − ε_low, 1 + ε_high]."""
+        return self.clip_range, self.clip_range_high or self.clip_range
 
 
 # advantages
@@ -154,6 +168,9 @@ def sequence_log_ratio(log_probs: Tensor, old_log_probs: Tensor) -> Tensor:
     return (log_probs - old_log_probs.detach()).mean(1)
 
 
+MINIBATCH_STATS = ("clip_fraction", "ratio_mean", "ratio_min", "ratio_max", "grad_norm")  # logged per mini-batch
+
+
 @dataclass(frozen=True)
 class GSPOLoss:
     """The loss to minimize and what to log about it (all 0-d; only ``loss`` carries gradient)."""
@@ -161,20 +178,33 @@ class GSPOLoss:
     loss: Tensor  # −J(θ) (+ kl_coef·KL)
     policy_loss: Tensor  # −J(θ)
     kl: Tensor  # mean 0.5·(log π − log π_old)² over trajectories and window steps
-    clip_fraction: Tensor  # fraction of trajectories whose ratio lies outside [1 − β, 1 + β]
+    clip_fraction: Tensor  # fraction of trajectories whose ratio lies outside [1 − ε_low, 1 + ε_high]
     ratio_mean: Tensor
     ratio_min: Tensor
     ratio_max: Tensor
     grad_norm: Tensor | None = None  # global gradient norm before clipping (set by the update)
+    # with several mini-batches: the statistics of each one at the parameters its step was taken at, in step order
+    minibatches: tuple[GSPOLoss, ...] = ()
 
     def stats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__ if getattr(self, name) is not None}
+        """Scalars to log: the whole batch's, then ``minibatch_<k>/<name>`` for the ratio and clip statistics and
+        the gradient norm of each mini-batch (only when there are several)."""
+        out = {name: float(getattr(self, name)) for name in self.__dataclass_fields__
+               if name != "minibatches" and getattr(self, name) is not None}
+        if len(self.minibatches) > 1:
+            for k, part in enumerate(self.minibatches, 1):
+                out |= {f"minibatch_{k}/{name}": value for name, value in part.stats().items()
+                        if name in MINIBATCH_STATS}
+        return out
+
 
 
 def gspo_objective(
-    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float, kl_coef: float = 0.0
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float | tuple[float, float],
+    kl_coef: float = 0.0,
 ) -> GSPOLoss:
-    """Eq. 10: ``−(1/N) Σ_i min(s_i A_i, clip(s_i, 1 − β, 1 + β) A_i)`` with ``s_i = exp(mean_t Δlog π)``.
+    """Eq. 10: ``−(1/N) Σ_i min(s_i A_i, clip(s_i, 1 − β, 1 + β) A_i)`` with ``s_i = exp(mean_t Δlog π)``;
+    ``clip_range`` is β, or (ε_low, ε_high) for GSPO's asymmetric range ``[1 − ε_low, 1 + ε_high]``.
 
     Shapes:
         log_probs: (B, W) under the current policy (with gradient)
@@ -185,16 +215,17 @@ def gspo_objective(
     log_ratio = sequence_log_ratio(log_probs, old_log_probs)
     if advantages.shape != log_ratio.shape:
         raise ValueError(f"expected advantages of shape {tuple(log_ratio.shape)}, got {tuple(advantages.shape)}")
+    low, high = clip_range if isinstance(clip_range, tuple) else (clip_range, clip_range)
     ratio = torch.exp(log_ratio)  # (B,)
     adv = advantages.detach().to(ratio.dtype)
     unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * adv
+    clipped = ratio.clamp(1.0 - low, 1.0 + high) * adv
     policy_loss = -torch.minimum(unclipped, clipped).mean()
     kl = 0.5 * ((log_probs - old_log_probs.detach()) ** 2).mean()
     loss = policy_loss + kl_coef * kl if kl_coef else policy_loss
     with torch.no_grad():
         r = ratio.detach()
-        clip_fraction = ((r - 1.0).abs() > clip_range).float().mean()
+        clip_fraction = ((r < 1.0 - low) | (r > 1.0 + high)).float().mean()
         return GSPOLoss(
             loss=loss,
             policy_loss=policy_loss.detach(),

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..attention.moe_lora import load_balancing_loss
 from .backend import build_backend, export_weights
 from .cache import LatentCache, empty_text_key, file_hash
 from .checkpoint import RESUMABLE_KEYS, checkpoint_root
@@ -33,7 +32,7 @@ from .distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from .losses import flow_loss, idar_loss, noised, router_load, sample_timesteps
+from .losses import balance_loss, flow_loss, idar_loss, noised, router_load, sample_timesteps
 from .run import (
     Observers,
     Position,
@@ -118,7 +117,8 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
     inputs = FluxInputs(x_t, t.to(device), batch.context, batch.pooled, batch.refs, cfg.model.guidance)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.run.precision == "bf16" else nullcontext()
     with autocast:
-        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=True)
+        v, maps = backend(inputs, idar_blocks=blocks if with_maps else None, capture_checkpoint=True,
+                          idar_direction=cfg.loss.idar_direction)
     terms = {"flow": flow_loss(v, noise.to(device), batch.x0)}
     total = terms["flow"]
     if maps:
@@ -128,7 +128,7 @@ def micro_step(backend, batch: Batch, t: Tensor, noise: Tensor, cfg: IDARConfig,
         if cfg.loss.idar_weight > 0:
             total = total + cfg.loss.idar_weight * terms["idar"]
     if backend.routing:
-        terms["balance"] = torch.stack([load_balancing_loss(lg, ex) for lg, ex in backend.routing]).mean()
+        terms["balance"] = balance_loss(backend.routing)  # summed over MoE layers, as Switch
         terms["router_load"] = torch.stack([router_load(ex, lg.shape[-1]) for lg, ex in backend.routing]).mean(0)
         if cfg.moe.balance_weight > 0:
             total = total + cfg.moe.balance_weight * terms["balance"]
@@ -291,7 +291,7 @@ def evaluate_dice(backend, cache: LatentCache, cfg: IDARConfig, ids: list[int] |
 
             inputs = FluxInputs(noised(batch.x0, noise, t.to(device)), t.to(device), batch.context, batch.pooled,
                                 batch.refs, cfg.model.guidance)
-            _, maps = backend(inputs, idar_blocks=blocks)
+            _, maps = backend(inputs, idar_blocks=blocks, idar_direction=cfg.loss.idar_direction)
             _, dice = idar_loss(maps, batch.masks, cfg.loss.dice_eps)
             scores.append(dice.mean())
     return float(torch.stack(scores).mean())

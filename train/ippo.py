@@ -1,4 +1,4 @@
-"""IPPO (MultiCrafter stage 2): one iteration = rollout -> rewards -> advantages -> one GSPO update.
+"""IPPO (MultiCrafter stage 2): one iteration = rollout -> rewards -> advantages -> GSPO update (mini-batch steps).
 
 Each step of the algorithm box is one small function below; ``ippo_iteration`` calls them in order and the
 trainer (``ippo_trainer.train_ippo``) only adds distribution, logging and checkpoints around it. The model is reached through the
@@ -193,6 +193,36 @@ def select_trajectory(trajectory: Trajectory, index: Tensor) -> Trajectory:
 GradientSync = Callable[[list[nn.Parameter]], None]
 
 
+def check_minibatches(group_size: int, minibatches: int) -> None:
+    """Refuse more mini-batches than images per prompt group (every mini-batch takes part of every group)."""
+    if not 1 <= minibatches <= group_size:
+        raise ValueError(f"gspo.minibatches = {minibatches} needs 1 <= minibatches <= sampler.rollout.group_size "
+                         f"({group_size}): each mini-batch takes a share of every prompt group; lower gspo.minibatches")
+
+
+def minibatch_indices(num_groups: int, group_size: int, minibatches: int,
+                      generators: Sequence[torch.Generator] | None = None) -> list[Tensor]:
+    """The rollout batch's trajectory indices shuffled into ``minibatches`` parts, stratified by prompt group: group
+    g's images are permuted with ``generators[g]`` and dealt into the parts (sizes differ by at most one), so the
+    parts do not depend on how groups are split over ranks and every rank's part k has the same size. With one
+    mini-batch: the whole batch in order.
+
+    Shapes:
+        returns ``minibatches`` long tensors, together a permutation of ``range(num_groups · group_size)``
+    """
+    check_minibatches(group_size, minibatches)
+    if minibatches == 1:
+        return [torch.arange(num_groups * group_size)]
+    if generators is not None and len(generators) != num_groups:
+        raise ValueError(f"expected one generator per prompt group ({num_groups}), got {len(generators)}")
+    parts: list[list[Tensor]] = [[] for _ in range(minibatches)]
+    for g in range(num_groups):
+        order = torch.randperm(group_size, generator=None if generators is None else generators[g]) + g * group_size
+        for k, chunk in enumerate(order.tensor_split(minibatches)):
+            parts[k].append(chunk)
+    return [torch.cat(chunks) for chunks in parts]
+
+
 def update(
     policy: Policy,
     params: list[nn.Parameter],
@@ -204,9 +234,16 @@ def update(
     micro_batch: int,
     grad_clip: float = 0.0,
     sync_gradients: GradientSync | None = None,
+    shuffle: Sequence[torch.Generator] | None = None,
 ) -> GSPOLoss:
-    """One GSPO step on the rollout batch: recompute the window log-probs with gradients, backprop the clipped
-    objective in micro-batches (their sum is the full-batch loss), sync gradients across ranks, clip, step.
+    """GSPO's update: the rollout batch is shuffled (``shuffle``: one generator per prompt group, see
+    ``minibatch_indices``) into ``gspo.minibatches`` mini-batches and each takes one optimizer step. Every
+    mini-batch recomputes its window log-probs with gradients at the current parameters and takes the ratio against
+    the log-probs stored at rollout time, so from the second mini-batch on the ratio moves away from 1 and the clip
+    acts (with one mini-batch it never does: plain GRPO).
+
+    Returns the whole batch's statistics (each trajectory's log-probs at the parameters its step was taken at) with
+    each mini-batch's own in ``minibatches``.
 
     Shapes:
         adv: (B,) advantages of the rollout's trajectories
@@ -218,14 +255,45 @@ def update(
     device = trajectory.latents.device
     adv = adv.to(device)
     policy.train()
+    parts, order, new_log_probs = [], [], []
+    for index in minibatch_indices(len(rollout.groups), batch // len(rollout.groups), gspo.minibatches, shuffle):
+        stats, log_probs = _minibatch_step(policy, params, optimizer, rollout, adv, index.to(device), noise_level, gspo,
+                                           micro_batch, grad_clip, sync_gradients)
+        parts.append(stats)
+        order.append(index)
+        new_log_probs.append(log_probs)
+    # back to rollout order, so the whole-batch statistics line up with the stored log-probs and advantages
+    log_probs = torch.empty_like(trajectory.log_probs)
+    log_probs[torch.cat(order).to(device)] = torch.cat(new_log_probs)
+    stats = gspo_objective(log_probs, trajectory.log_probs, adv, gspo.clip, gspo.kl_coef)
+    grad_norm = parts[0].grad_norm if len(parts) == 1 else torch.stack([p.grad_norm for p in parts]).mean()
+    return dataclasses.replace(stats, grad_norm=grad_norm, minibatches=tuple(parts))
+
+
+def _minibatch_step(
+    policy: Policy,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    adv: Tensor,
+    index: Tensor,
+    noise_level: float,
+    gspo: GSPOConfig,
+    micro_batch: int,
+    grad_clip: float,
+    sync_gradients: GradientSync | None,
+) -> tuple[GSPOLoss, Tensor]:
+    """One optimizer step on the trajectories ``index`` (B'): backprop the clipped objective in micro-batches (their
+    sum is the mini-batch loss), sync gradients across ranks, clip, step. Returns the statistics at the parameters
+    the gradient was taken at and those log-probs (B', W)."""
     optimizer.zero_grad(set_to_none=False)
     new_log_probs = []
-    for index in torch.arange(batch, device=device).split(micro_batch):
-        part = select_trajectory(trajectory, index)
-        cond = policy.select(rollout.cond, index)
-        log_probs = window_log_probs(lambda x, s: policy.velocity(x, s, cond), part, noise_level)  # (B', W)
-        out = gspo_objective(log_probs, part.log_probs, adv[index], gspo.clip_range, gspo.kl_coef)
-        (out.loss * (len(index) / batch)).backward()
+    for micro in index.split(micro_batch):
+        part = select_trajectory(rollout.trajectory, micro)
+        cond = policy.select(rollout.cond, micro)
+        log_probs = window_log_probs(lambda x, s: policy.velocity(x, s, cond), part, noise_level)  # (B'', W)
+        out = gspo_objective(log_probs, part.log_probs, adv[micro], gspo.clip, gspo.kl_coef)
+        (out.loss * (len(micro) / len(index))).backward()
         new_log_probs.append(log_probs.detach())
     if sync_gradients is not None:
         sync_gradients(params)
@@ -235,9 +303,9 @@ def update(
         raise RuntimeError(f"non-finite gradient norm ({float(grad_norm)}) in the GSPO update; training stopped. Lower "
                            "optim.lr or gspo.clip_range, check the rewards for NaN, or resume from the last checkpoint")
     optimizer.step()
-    # statistics of the whole batch at the parameters the gradient was taken at
-    stats = gspo_objective(torch.cat(new_log_probs), trajectory.log_probs, adv, gspo.clip_range, gspo.kl_coef)
-    return dataclasses.replace(stats, grad_norm=grad_norm.detach().float().cpu())
+    log_probs = torch.cat(new_log_probs)
+    stats = gspo_objective(log_probs, rollout.trajectory.log_probs[index], adv[index], gspo.clip, gspo.kl_coef)
+    return dataclasses.replace(stats, grad_norm=grad_norm.detach().float().cpu()), log_probs
 
 
 # one iteration
@@ -278,12 +346,15 @@ def ippo_iteration(
     any_rank: Callable[[bool], bool] = bool,
     remote: GroupScorer | None = None,
 ) -> IterationResult:
-    """Rollout -> rewards -> advantages -> one GSPO update (skipped on every rank when all advantages are 0).
+    """Rollout -> rewards -> advantages -> GSPO update (``gspo.minibatches`` optimizer steps; skipped on every rank
+    when all advantages are 0). The mini-batch shuffle draws from each group's generator after its rollout, so it
+    is a function of the same seeds: it resumes identically and does not depend on the number of ranks.
 
     ``any_rank(flag)`` is True when ``flag`` is True on any rank (an all-reduce under torchrun), so every rank
     takes the same decision about the optimizer step. With a ``remote`` scorer, groups are rolled out one at a time
     and each is scored elsewhere while the next one is sampled; ``reward`` is then the time spent waiting for scores.
     """
+    check_minibatches(rollout_config.group_size, gspo.minibatches)  # refuse before sampling
     clock = _Clock(device)
     if remote is None:
         batch = rollout(policy, groups, rollout_config, sigmas, window, generators, device)
@@ -302,7 +373,7 @@ def ippo_iteration(
     loss = None
     if any_rank(bool(adv.abs().max() > 0)):
         loss = update(policy, params, optimizer, batch, adv, rollout_config.noise_level, gspo, micro_batch,
-                      grad_clip, sync_gradients)
+                      grad_clip, sync_gradients, shuffle=generators)
     clock.lap("update")
     return IterationResult(result, adv, loss, tuple(batch.trajectory.window), batch.images, clock.seconds)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attention.layout import Layout, Region
 from ..attention.subjects import Subject, Subjects
 from ..attention.weights import load_multicrafter_weights
 from .cache import LatentCache, TinyEncoder
-from .data import ManifestRow, load_image, load_mask
+from .data import ManifestRow, load_image
 from .ippo import PromptGroup
 
 Decoder = Callable[[Tensor], Tensor]  # latents (B, C, h, w) -> images (B, H, W, 3) float RGB in [0, 1]
@@ -123,9 +122,10 @@ class TinyDecoder:
 # prompt set
 
 
-def load_prompt_groups(rows: Sequence[ManifestRow], cache: LatentCache, use_layout: bool) -> list[PromptGroup]:
-    """One ``PromptGroup`` per manifest line: caption, reference subjects (pixels, for the rewards), the cached
-    conditioning (for the model) and, with ``use_layout``, the target masks as the layout the rewards may use."""
+def load_prompt_groups(rows: Sequence[ManifestRow], cache: LatentCache) -> list[PromptGroup]:
+    """One ``PromptGroup`` per manifest line: caption, reference subjects (pixels, for the rewards) and the cached
+    conditioning (for the model). No layout: the generation never sees the target's masks, so the identity reward
+    locates object subjects with its detector (``reward.detector_dir``) instead of scoring them there."""
     if len(rows) != len(cache.samples):
         raise ValueError(f"the manifest has {len(rows)} lines but its cache {cache.dir} has {len(cache.samples)} "
                          "samples; re-run `python -m multisubject data cache`")
@@ -141,15 +141,8 @@ def load_prompt_groups(rows: Sequence[ManifestRow], cache: LatentCache, use_layo
         target = cache.get(keys.target)
         conditioning = GroupConditioning(context, pooled, tuple(cache.get(k) for k in keys.references),
                                          tuple(target.shape), row.line)
-        layout = _layout_from_masks(row) if use_layout else None
-        groups.append(PromptGroup(row.caption, subjects, layout, conditioning))
+        groups.append(PromptGroup(row.caption, subjects, None, conditioning))
     return groups
-
-
-def _layout_from_masks(row: ManifestRow) -> Layout:
-    masks = [load_mask(p) for p in row.masks]
-    height, width = masks[0].shape
-    return Layout(width, height, tuple(Region(mask=m, label=label) for m, label in zip(masks, row.labels)))
 
 
 # stage-1 weights
@@ -169,7 +162,8 @@ def load_stage1_weights(backend: nn.Module, path: str | Path) -> None:
     pairs = []
     for p, w in weights.lora.items():
         if p in backend.loras:
-            pairs += [(backend.loras[p].lora_A, w.lora_A), (backend.loras[p].lora_B, w.lora_B)]
+            lora = backend.loras[p]
+            pairs += [(lora.lora_A, w.lora_A), (lora.lora_B, lora.imported_B(w.lora_B))]
     for p, e in weights.moe.items():
         if p in backend.moes:
             m = backend.moes[p]

@@ -73,7 +73,7 @@ def load_prompts(cfg: IPPOConfig) -> list[PromptGroup]:
     manifest = Path(cfg.data.manifest)
     rows = read_manifest(manifest)  # refuses to start on missing files, with line numbers
     cache = LatentCache(cfg.data.cache_dir or manifest.parent / "cache", file_hash(manifest))
-    return load_prompt_groups(rows, cache, cfg.reward.use_layout)
+    return load_prompt_groups(rows, cache)
 
 
 def prompt_buckets(groups: list[PromptGroup]) -> dict[tuple, list[int]]:

@@ -1,18 +1,21 @@
-"""Stage-1 losses (pure torch): rectified-flow loss, the IDAR attention map and Dice loss.
+"""Stage-1 losses (pure torch): rectified-flow loss, the IDAR attention map and Dice loss, the MoE balance loss.
 
-Spec: shared/docs/multicrafter.md §3 (IDAR). The Switch load-balancing loss is ``attention.moe_lora.load_balancing_loss``.
+Spec: shared/docs/multicrafter.md §3 (IDAR), §4.2 (balancing). One layer's Switch load-balancing loss is
+``attention.moe_lora.load_balancing_loss``; ``balance_loss`` sums it over the MoE layers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..attention.attention_maps import normalize_maps, reference_attention_maps
+from ..attention.attention_maps import DIRECTIONS, normalize_maps, reference_attention_maps
+from ..attention.moe_lora import load_balancing_loss
 from ..attention.reference_attention import TokenLayout
 
 
@@ -45,19 +48,24 @@ def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator, 
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
-def supervised_maps(q: Tensor, k: Tensor, layout: TokenLayout, use_checkpoint: bool = False) -> Tensor:
-    """One double block's reference->image map per subject (reference ``i`` = subject ``i``), computed by
-    ``attention.attention_maps.reference_attention_maps``: only the reference query rows are recomputed against all
-    keys, reusing the block's own post-RoPE q/k (no (N, N) matrix). With ``use_checkpoint`` the (B, H, rows, N)
-    probabilities are recomputed in backward instead of stored.
+def supervised_maps(q: Tensor, k: Tensor, layout: TokenLayout, use_checkpoint: bool = False,
+                    direction: str = "reference_to_image") -> Tensor:
+    """One double block's attention map per subject (reference ``i`` = subject ``i``), computed by
+    ``attention.attention_maps.reference_attention_maps``: only the needed query rows are recomputed against all
+    keys, reusing the block's own post-RoPE q/k (no (N, N) matrix). ``direction`` (``loss.idar_direction``):
+    ``"reference_to_image"`` (spec §3.2 default: where subject i's reference queries look in the image) or the
+    ablation ``"image_to_reference"`` (how much each image token attends to subject i's reference; subjects compete
+    per pixel). With ``use_checkpoint`` the (B, H, rows, N) probabilities are recomputed in backward instead of stored.
 
     Shapes:
         q, k: (B, H, N, D); returns (B, S, L) float32
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"loss.idar_direction must be one of {DIRECTIONS}, got {direction!r}")
     num = len(layout.reference_grids)
 
     def run(q: Tensor, k: Tensor) -> Tensor:
-        return reference_attention_maps(q, k, layout, list(range(num)), num, "reference_to_image")
+        return reference_attention_maps(q, k, layout, list(range(num)), num, direction)
 
     if use_checkpoint and torch.is_grad_enabled():
         return checkpoint(run, q, k, use_reentrant=False)
@@ -77,20 +85,37 @@ def dice_loss(pred: Tensor, mask: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - (2 * inter + eps) / (pred.sum(-1) + mask.sum(-1) + eps)
 
 
-def idar_loss(block_maps: list[Tensor], masks: Tensor, eps: float = 1.0, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def idar_loss(block_maps: list[Tensor], masks: Tensor, eps: float = 1.0,
+              keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """IDAR: mean the maps over blocks, min-max normalize, Dice against the token masks, sum over subjects,
-    mean over the batch. ``weights`` (B,) zeroes samples that skip IDAR (e.g. t above ``loss.idar_max_t``).
+    mean over the supervised samples. ``keep`` (B,) marks the samples IDAR supervises (e.g. t <= ``loss.idar_max_t``);
+    the others leave the mean instead of counting as zeros, so skipping high t does not shrink the loss (and its
+    gradient) by the skipped share. With no sample kept the loss is 0.
 
     Shapes:
-        block_maps: list of (B, S, L); masks: (B, S, L)
-        returns (loss (), per-subject Dice score 1 - loss (B, S))
+        block_maps: list of (B, S, L); masks: (B, S, L); keep: (B,) bool or 0/1
+        returns (loss (), per-subject Dice score 1 - loss (B, S), of every sample)
     """
     pred = normalize_maps(torch.stack(block_maps).mean(0))  # (B, S, L)
     per_subject = dice_loss(pred, masks, eps)  # (B, S)
     per_sample = per_subject.sum(-1)
-    if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean(), (1 - per_subject).detach()
+    if keep is None:
+        return per_sample.mean(), (1 - per_subject).detach()
+    keep = keep.to(per_sample.device, per_sample.dtype)
+    return (per_sample * keep).sum() / keep.sum().clamp(min=1), (1 - per_subject).detach()
+
+
+def balance_loss(routing: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """The Switch load-balancing loss summed over the MoE layers: Switch Transformer (Fedus et al. 2021, §2.2) adds
+    ``α · E · Σ_e f_e P_e`` to the total loss for each Switch layer, so ``moe.balance_weight`` (α = 0.01) is the
+    paper's per-layer weight (perfect balance gives one per layer).
+
+    Shapes:
+        routing: per MoE layer (router logits (T, E), chosen experts (T, k)); returns () float32
+    """
+    if not routing:
+        raise ValueError("balance_loss needs the routing of at least one MoE layer")
+    return torch.stack([load_balancing_loss(logits, experts) for logits, experts in routing]).sum()
 
 
 def router_load(experts: Tensor, num_experts: int) -> Tensor:

@@ -29,7 +29,7 @@ def write_preview(backend, cache: LatentCache, index: int, cfg: IDARConfig, bloc
     maps = []
     for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
         inputs = FluxInputs(x, sigma.view(1).to(device), context, pooled, refs, cfg.model.guidance)
-        v, maps = backend(inputs, idar_blocks=blocks)
+        v, maps = backend(inputs, idar_blocks=blocks, idar_direction=cfg.loss.idar_direction)
         x = x + (next_sigma - sigma) * v  # Euler step of the flow ODE
     image = latent_to_rgb(x[0])  # (3, h, w)
     grid_h, grid_w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2

@@ -71,11 +71,15 @@ class RewardConfig:
     insightface_root: str = ""  # multi_id faces: folder holding models/<face_pack>/*.onnx; "" = no face scoring
     face_pack: str = "antelopev2"  # multi_id faces: insightface pack name
     object_model_dir: str = ""  # multi_id objects: HF DINOv2 (or CLIP) folder; "" = no object scoring
+    # multi_id objects: OWLv2 / OWL-ViT folder that locates each object subject (by its label) in the generated image
+    # before matching; "" = objects are compared with the whole image ("objects not located", logged)
+    detector_dir: str = ""
+    detection_threshold: float = 0.1  # detector score threshold for a candidate box
+    segmenter_dir: str = ""  # multi_id objects: SAM folder masking each located box; "" = box crops
     device: str = ""  # device of the reward models; "" = cuda when available, else cpu
     # extra rewards, each "name=package.module:function" with function(RewardInputs) -> (B,) scores; weight them
     # in `weights` like the built-ins (e.g. a toy reward in tests, or your own aesthetic model)
     plugins: tuple[str, ...] = ()
-    use_layout: bool = False  # give rewards each prompt's layout (from its manifest masks); off: no layout
     ranks: int = 0  # the last N ranks only score (reward models live there) while the others generate; 0 = none
 
     def __post_init__(self) -> None:
@@ -164,11 +168,17 @@ def load_plugins(entries: Sequence[str]) -> dict[str, Reward]:
 def _multi_id_reward(config: RewardConfig, device: str) -> Reward:
     from ..scoring.faces import FaceEmbedder
     from ..scoring.identity import IdentityScorer
+    from ..scoring.locate import ObjectLocator
+    from ..scoring.metrics import PhraseDetector
     from ..scoring.objects import ImageEmbedder
+    from ..scoring.segment import BoxSegmenter
 
     faces = FaceEmbedder.load(config.face_pack, roots=[config.insightface_root]) if config.insightface_root else None
     objects = ImageEmbedder.load(config.object_model_dir, device=device) if config.object_model_dir else None
-    scorer = IdentityScorer(faces=faces, objects=objects)
+    segmenter = BoxSegmenter.load(config.segmenter_dir, device) if config.segmenter_dir else None
+    locator = ObjectLocator(PhraseDetector.load(config.detector_dir, device, config.detection_threshold),
+                            segmenter) if config.detector_dir else None
+    scorer = IdentityScorer(faces=faces, objects=objects, locator=locator)
     embedded: dict[int, tuple[Subjects, object]] = {}  # references are embedded once per prompt, not per iteration
 
     def references(subjects: Subjects):
@@ -230,6 +240,13 @@ def _multi_id_paths(config: RewardConfig) -> None:
                       f"a folder holding models/{config.face_pack}/*.onnx", is_dir=True)
     if config.object_model_dir:
         _require_path(config.object_model_dir, "multi_id", "object_model_dir", "a local HF DINOv2 folder", is_dir=True)
+    if config.detector_dir:
+        _require_path(config.detector_dir, "multi_id", "detector_dir", "a local HF OWLv2 folder", is_dir=True)
+    if config.segmenter_dir:
+        _require_path(config.segmenter_dir, "multi_id", "segmenter_dir", "a local HF SAM folder", is_dir=True)
+        if not config.detector_dir:
+            raise ValueError("reward 'multi_id': segmenter_dir masks the objects detector_dir locates; set "
+                             "detector_dir too, or leave segmenter_dir empty")
 
 
 @dataclass(frozen=True)
@@ -244,7 +261,8 @@ class BuiltinReward:
 
 # the built-in rewards: adding one is one entry here (plugins need none: `reward.plugins`)
 BUILTIN_REWARDS: Mapping[str, BuiltinReward] = MappingProxyType({
-    "multi_id": BuiltinReward(_multi_id_reward, _multi_id_paths, ("reward.insightface_root", "reward.object_model_dir")),
+    "multi_id": BuiltinReward(_multi_id_reward, _multi_id_paths, ("reward.insightface_root", "reward.object_model_dir",
+                                                              "reward.detector_dir", "reward.segmenter_dir")),
     "clip_text": BuiltinReward(_clip_text_reward, _clip_text_paths, ("reward.clip_dir",)),
     "hpsv2": BuiltinReward(_hpsv2_reward, _hpsv2_paths, ("reward.hps_checkpoint",)),
 })

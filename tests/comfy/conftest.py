@@ -13,7 +13,7 @@ from workflow_tools import seed_model_placeholders
 
 from multisubject.headless import PACK_DIR, ComfyServer, find_comfyui
 
-FIXTURE_PACK = Path(__file__).resolve().parent.parent / "fixture_nodes"
+FIXTURE_PACK = Path(__file__).resolve().parent / "fixture_nodes"
 
 
 @pytest.fixture(scope="session")

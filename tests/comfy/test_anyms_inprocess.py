@@ -1,11 +1,14 @@
 """AnyMS inside ComfyUI's process: tiny SDXL/SD1.5 UNets from ComfyUI's classes, the real loader node, KSampler."""
 
+import dataclasses
+
 import pytest
 import torch
 from anyms_helpers import adapter_state
 from fixture_nodes.fx_sdxl import CONTEXT_DIM, MODEL_CHANNELS, tiny_clip_vision, tiny_conditioning, tiny_sdxl
 from safetensors.torch import save_file
 
+from multisubject.attention.anyms import EncodedSubjects
 from multisubject.attention.ip_adapter import sdxl_sites
 
 LATENT = (16, 16)  # 128x128 px
@@ -159,6 +162,18 @@ def test_subjects_outside_their_start_end_range_leave_the_model_output_unchanged
     assert torch.equal(_sample(late), _sample(model))
 
 
+@pytest.mark.parametrize("off", [{"weight": 0.0}, {"start_percent": 0.3, "end_percent": 0.6}], ids=["weight0", "window"])
+def test_a_switched_off_subject_is_bit_identical_to_leaving_it_out(comfy, model, adapter_dir, clip_vision, off):
+    # subject 1 (priority 1) overlaps subject 0: composited while off, it would take the overlap's tokens from it
+    encoded = _encoded(comfy, adapter_dir, clip_vision)
+    first, second = encoded.items
+    with_off = EncodedSubjects(encoded.adapter, (first, dataclasses.replace(second, **off)))
+    left_out = EncodedSubjects(encoded.adapter, (first,))
+    got = _sample(_apply(comfy, model, with_off, _layout(comfy)))
+    assert torch.equal(got, _sample(_apply(comfy, model, left_out, _layout(comfy, BOXES.splitlines()[0]))))
+    assert not torch.equal(got, _sample(_apply(comfy, model, encoded, _layout(comfy))))  # on, it does act
+
+
 @pytest.mark.parametrize("backend", ["attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic"])
 def test_comfyui_cpu_attention_backends_agree(comfy, model, adapter_dir, clip_vision, monkeypatch, backend):
     import comfy.ldm.modules.attention as attention
@@ -273,7 +288,7 @@ def test_image_attention_is_zero_outside_the_regions_at_every_patched_site(comfy
         z_image = original(torch.zeros_like(out), q, **kwargs)
         grid = plan.grid_plan(*kwargs["latent_hw"], q.shape[1], q.device)
         owned = torch.zeros(q.shape[1], dtype=torch.bool)
-        for j, tokens in enumerate(grid.owned):
+        for j, tokens in enumerate(plan.owned_tokens(grid, plan.active_subjects(kwargs["sigma"]))):
             assert tokens.numel() > 0 and not owned[tokens].any()  # every subject owns tokens, exclusively
             owned[tokens] = True
             assert z_image[:, tokens].abs().amax() > 0  # and its image features land there
