@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..attention.families import FLUX
 from ..attention.moe_lora import MoELoRAConfig
 from ..attention.weights import LoRAConfig as CoreLoRAConfig
 from ..attention.weights import (
@@ -32,8 +33,9 @@ def build_backend(model: ModelConfig, lora: LoRAConfig, moe: MoEConfig, run: Run
 
     base_dtype = torch.bfloat16 if run.precision == "bf16" and device.type == "cuda" else torch.float32
     flux = load_flux(model, dtype=base_dtype, seed=run.seed).model.diffusion_model
-    core_lora = lora.to_core(len(flux.double_blocks), len(flux.single_blocks))
-    backend = FluxBackend(flux, core_lora, moe.to_core(len(flux.double_blocks)), run.grad_checkpointing,
+    double_blocks = len(getattr(flux, FLUX.double_blocks))
+    core_lora = lora.to_core(double_blocks, len(flux.single_blocks))
+    backend = FluxBackend(flux, core_lora, moe.to_core(double_blocks), run.grad_checkpointing,
                           lora.out_rows(core_lora, flux.hidden_size)).to(device)
     for _, p in backend.trainable_parameters():
         p.data = p.data.float()

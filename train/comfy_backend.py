@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..attention.families import FLUX, TokenLayout
 from ..attention.moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN
-from ..attention.reference_attention import TokenLayout
 from ..attention.weights import LoRAConfig
 from .config import ModelConfig
 from .lora import LoRALinear, get_submodule_parent, inject_lora
@@ -57,10 +57,11 @@ def tiny_unet_config(cfg: ModelConfig) -> dict:
     """ComfyUI Flux config at tiny sizes (comfyui.md §6): real class, random weights."""
     head_dim = cfg.tiny_hidden // cfg.tiny_heads
     side = (head_dim // 4) * 3 // 2 // 2 * 2  # two equal even spatial axes, the rest for the index axis
-    return dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=cfg.tiny_vec_dim,
+    return dict(image_model="flux", in_channels=FLUX.latent_channels, out_channels=FLUX.latent_channels,
+                vec_in_dim=cfg.tiny_vec_dim,
                 context_in_dim=cfg.tiny_context_dim, hidden_size=cfg.tiny_hidden, mlp_ratio=4.0,
                 num_heads=cfg.tiny_heads, depth=cfg.tiny_depth, depth_single_blocks=cfg.tiny_depth_single,
-                axes_dim=[head_dim - 2 * side, side, side], theta=10000, patch_size=2, qkv_bias=True,
+                axes_dim=[head_dim - 2 * side, side, side], theta=10000, patch_size=FLUX.patch, qkv_bias=True,
                 guidance_embed=True)
 
 
@@ -148,8 +149,8 @@ class FluxInputs:
 
 def token_layout(inputs: FluxInputs) -> TokenLayout:
     """Where txt, image and reference tokens sit in Flux's joint sequence ``[txt | img | ref_0 | ...]``."""
-    return TokenLayout.from_latents(inputs.context.shape[1], tuple(inputs.x_t.shape[-2:]),
-                                    [tuple(r.shape[-2:]) for r in inputs.refs])
+    return FLUX.token_layout(inputs.context.shape[1], tuple(inputs.x_t.shape[-2:]),
+                             [tuple(r.shape[-2:]) for r in inputs.refs])
 
 
 class FluxBackend(nn.Module):
@@ -173,8 +174,13 @@ class FluxBackend(nn.Module):
             module.router_logits_hooks.append(lambda logits, experts: self.routing.append((logits, experts)))
 
     @property
+    def double_blocks(self) -> nn.ModuleList:
+        """The dual-stream blocks (the family registry names their attribute)."""
+        return getattr(self.flux, FLUX.double_blocks)
+
+    @property
     def num_double_blocks(self) -> int:
-        return len(self.flux.double_blocks)
+        return len(self.double_blocks)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -205,7 +211,7 @@ class FluxBackend(nn.Module):
         # (``txt +=``, ``x +=``), which autograd refuses; the runner hands them copies (see _saved_copies_of)
         grad = torch.is_grad_enabled()
         replace = {}
-        for i in range(len(self.flux.double_blocks)):
+        for i in range(len(self.double_blocks)):
             if i in idar_blocks or grad:
                 replace[("double_block", i)] = self._block_runner("double", i, i in idar_blocks)
         if grad:
@@ -222,7 +228,7 @@ class FluxBackend(nn.Module):
         the last block."""
         grad = torch.is_grad_enabled()
         use_checkpoint = self.grad_checkpointing and grad
-        block = (self.flux.double_blocks if kind == "double" else self.flux.single_blocks)[index]
+        block = (self.double_blocks if kind == "double" else self.flux.single_blocks)[index]
         keys = ("img", "txt") if kind == "double" else ("img",)
 
         def run(args: dict, extra: dict) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..attention.attention_maps import DIRECTIONS
+from ..attention.families import FLUX
 from ..attention.moe_lora import MoELoRAConfig
 from ..attention.weights import LoRAConfig as CoreLoRAConfig
 
@@ -27,7 +28,7 @@ except ModuleNotFoundError:  # python 3.10: the same API from the backport
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
-LORA_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+LORA_TARGETS = FLUX.weight_format.lora_leaves  # per-block Linear names: img/txt_attn.qkv/proj, linear1/2
 TRAINERS = ("idar", "ippo")
 log = logging.getLogger("multisubject.train")
 
@@ -102,7 +103,7 @@ class LoRAConfig:
         paths = []
         for i in range(double_blocks):
             if not self.double_blocks or i in self.double_blocks:
-                paths += [f"double_blocks.{i}.{t}" for t in self.targets if "attn" in t]
+                paths += [f"{FLUX.double_blocks}.{i}.{t}" for t in self.targets if "attn" in t]
         for i in range(single_blocks):
             if not self.single_blocks or i in self.single_blocks:
                 paths += [f"single_blocks.{i}.{t}" for t in self.targets if t in ("linear1", "linear2")]
@@ -142,7 +143,7 @@ class MoEConfig:
         if bad:
             raise ValueError(f"moe.blocks {bad} do not exist; this model has double blocks 0..{double_blocks - 1}")
         blocks = self.blocks or tuple(range(double_blocks))
-        return self._core(tuple(f"double_blocks.{i}.img_mlp" for i in blocks))
+        return self._core(tuple(f"{FLUX.double_blocks}.{i}.img_mlp" for i in blocks))
 
     def _core(self, targets: tuple[str, ...]) -> MoELoRAConfig:
         return MoELoRAConfig(num_experts=self.num_experts, rank=self.rank, alpha=self.alpha or float(self.rank),

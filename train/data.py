@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..attention.families import FLUX
 from ..attention.layout import TokenGrid, mask_token_coverage
 from ..attention.preview import region_colour
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-BUCKET_STEP = 16  # pixels: VAE /8 then Flux 2x2 patches
+BUCKET_STEP = FLUX.vae_downscale * FLUX.patch  # pixels per token side: VAE /8 then Flux 2x2 patches (16)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def mask_tokens(mask: Tensor, latent_h: int, latent_w: int) -> Tensor:
     Shapes:
         mask: (H, W) float in [0, 1]; returns (L,) float in {0, 1}, L = ceil(latent_h/2) * ceil(latent_w/2)
     """
-    coverage = mask_token_coverage(mask, TokenGrid.from_latent(latent_h, latent_w, 2))
+    coverage = mask_token_coverage(mask, TokenGrid.from_latent(latent_h, latent_w, FLUX.patch))
     return (coverage >= 0.5).float().flatten()
 
 

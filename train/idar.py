@@ -9,6 +9,7 @@ bookkeeping around it (resume, checkpoints, observers, SIGTERM) is ``run.py``. S
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..attention.families import FLUX
 from .backend import build_backend, export_weights
 from .cache import LatentCache, empty_text_key, file_hash
 from .checkpoint import RESUMABLE_KEYS, checkpoint_root
@@ -229,7 +231,7 @@ def _optimizer_step(backend, cache: LatentCache, mine: list[int], slot0: int, st
         ids = mine[m * micro:(m + 1) * micro]
         slots = list(range(slot0 + m * micro, slot0 + (m + 1) * micro))
         sample = cache.get(cache.samples[ids[0]].target)
-        tokens = ((sample.shape[-2] + 1) // 2) * ((sample.shape[-1] + 1) // 2)
+        tokens = math.prod(FLUX.token_grid(*sample.shape[-2:]))
         t, noise, drops = draw_noise(slots, step, cfg, tuple(sample.shape), tokens)
         batch = load_batch(cache, ids, drops, info.device)
         terms = micro_step(backend, batch, t, noise, cfg, blocks, with_maps)

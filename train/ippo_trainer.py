@@ -14,12 +14,14 @@ last N ranks hold the reward models and only score (``reward_ranks.py``); the ot
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..attention.families import FLUX
 from .backend import build_backend, export_weights
 from .cache import LatentCache, TinyEncoder, file_hash
 from .checkpoint import RESUMABLE_KEYS, load_checkpoint
@@ -182,7 +184,7 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
 
 def _sigmas(cfg: IPPOConfig, group: PromptGroup) -> Tensor:
     _, h, w = group.conditioning.latent_shape
-    tokens = ((h + 1) // 2) * ((w + 1) // 2)  # Flux 2x2 patches
+    tokens = math.prod(FLUX.token_grid(h, w))
     return sigma_schedule(cfg.sampler.window.num_steps, image_seq_len=tokens if cfg.sampler.time_shift else None)
 
 

@@ -147,12 +147,15 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
 
 
 def test_uno_single_block_targets_change_only_qkv_and_round_trip_through_export_and_the_loader(comfy, small, tmp_path):
-    from multisubject.train.idar import build_backend, export_weights
+    from multisubject.train.backend import build_backend, export_weights
     from multisubject.train.ippo_flux import load_stage1_weights
+
+    def build(cfg):
+        return build_backend(cfg.model, cfg.lora, cfg.moe, cfg.run, torch.device("cpu"))
 
     _, config = small
     cfg = load_config(config, [*FAST, "--lora.linear1_qkv_only=true", f"--run.out_dir={tmp_path}"])
-    backend = build_backend(cfg, torch.device("cpu"))
+    backend = build(cfg)
     torch.manual_seed(0)
     with torch.no_grad():
         for module in backend.loras.values():
@@ -164,22 +167,22 @@ def test_uno_single_block_targets_change_only_qkv_and_round_trip_through_export_
     with torch.no_grad():
         change = linear1(x) - linear1.base(x)
     assert change[:, :3 * hidden].abs().max() > 0 and change[:, 3 * hidden:].abs().max() == 0
-    exported = export_weights(backend, cfg, tmp_path / "uno_targets.safetensors")
+    exported = export_weights(backend, cfg.to_dict(), tmp_path / "uno_targets.safetensors")
     stored = load_multicrafter_weights(exported).lora["single_blocks.0.linear1"].lora_B
     assert stored.shape == (linear1.out_features, 2) and stored[3 * hidden:].abs().max() == 0
     # the loader node (ComfyUI's stock LoRA path for the attention LoRA) gives the backend's prediction
     base, patched, mine = loader_node_predictions(comfy, exported, cfg.model, cfg.run.seed, backend)
     assert not torch.allclose(patched, base, atol=1e-4) and torch.allclose(patched, mine, atol=1e-5)
     # and IPPO's stage-1 import restores the same adapters, for a qkv-only config and for a whole-linear1 one
-    again = build_backend(cfg, torch.device("cpu"))
+    again = build(cfg)
     load_stage1_weights(again, exported)
     assert torch.equal(again.loras["single_blocks.0.linear1"].lora_B, linear1.lora_B)
-    whole = build_backend(load_config(config, [*FAST]), torch.device("cpu"))
+    whole = build(load_config(config, [*FAST]))
     load_stage1_weights(whole, exported)
     assert torch.equal(whole.loras["single_blocks.0.linear1"].lora_B, stored)
     with torch.no_grad():
         whole.loras["single_blocks.0.linear1"].lora_B.normal_()
-    full_file = export_weights(whole, load_config(config, [*FAST]), tmp_path / "whole.safetensors")
+    full_file = export_weights(whole, load_config(config, [*FAST]).to_dict(), tmp_path / "whole.safetensors")
     with pytest.raises(ValueError, match="set lora.linear1_qkv_only = false to load it"):
         load_stage1_weights(again, full_file)
 
