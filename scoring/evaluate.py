@@ -22,9 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ..attention.layout import Layout
@@ -33,6 +31,7 @@ from .confusion import identity_confusion, mean_defined, own_candidates
 from .faces import FaceEmbedder
 from .identity import IdentityResult, IdentityScorer, check_images, embed_object_references
 from .locate import NOT_LOCATED, Candidates, ObjectLocator, object_candidates
+from .manifest import ManifestError, load_image, load_mask, read_manifest
 from .matching import match_identities
 from .metrics import HPSv2Scorer, PhraseDetector, average_precision_50, layout_ious
 from .objects import ImageEmbedder
@@ -71,10 +70,6 @@ NOT_LOCATED_NOTE = (f"{NOT_LOCATED} in {{count}} sample(s) of run {{run}}: no la
                     "DINO-I/CLIP-I (and Multi-ID objects) compared each reference with the whole image")
 
 
-class ManifestError(ValueError):
-    """A manifest entry that cannot be evaluated (missing file, malformed field)."""
-
-
 @dataclass(frozen=True)
 class Sample:
     index: int
@@ -111,41 +106,6 @@ class SampleResult:
 # manifests
 
 
-def read_manifest(path: Path) -> list:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} not found; give a JSON (list of samples) or JSON Lines file")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"manifest {path} is neither JSON nor JSON Lines: {e}") from None
-    if isinstance(data, dict):  # {"samples": [...]}, or a JSON Lines file with a single sample
-        data = data["samples"] if "samples" in data else [data]
-    if not isinstance(data, list):
-        raise ValueError(f"manifest {path} must hold a list of samples, got {type(data).__name__}")
-    return data
-
-
-def load_image(path: Path, what: str) -> Tensor:
-    """Shapes: returns (H, W, C) float in [0, 1], C = 4 for images with alpha, else 3."""
-    if not path.is_file():
-        raise ManifestError(f"{what} {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGBA" if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info else "RGB")
-            return torch.from_numpy(np.asarray(im).copy()).float() / 255.0
-    except OSError as e:
-        raise ManifestError(f"{what} {path} is not a readable image ({e})") from None
-
-
-def _load_mask(path: Path, what: str) -> Tensor:
-    return load_image(path, what)[..., :3].mean(-1)
-
-
 def parse_sample(entry, index: int, root: Path) -> Sample:
     """One manifest entry -> Sample (raises ManifestError naming the problem)."""
     if not isinstance(entry, dict):
@@ -168,7 +128,7 @@ def parse_sample(entry, index: int, root: Path) -> Sample:
             raise ManifestError(f"reference {r}: all views must share one size, got {[tuple(v.shape[:2]) for v in views]}")
         views = [v if v.shape[-1] == 4 else torch.cat([v, torch.ones_like(v[..., :1])], -1) for v in views] \
             if any(v.shape[-1] == 4 for v in views) else views
-        mask = _load_mask(root / ref["mask"], f"reference {r} mask") if ref.get("mask") else None
+        mask = load_mask(root / ref["mask"], f"reference {r} mask") if ref.get("mask") else None
         try:
             subjects = subjects.append(Subject.from_image(torch.stack(views), mask, label=str(ref.get("label", ""))))
         except ValueError as e:
@@ -185,7 +145,7 @@ def _parse_layout(spec, root: Path, num_subjects: int, labels: list[str]) -> Lay
         raise ManifestError(f"layout must be an object with 'boxes' (and width, height) or 'masks', got {spec!r}")
     try:
         if "masks" in spec:
-            layout = Layout.from_masks(torch.stack([_load_mask(root / p, "layout mask") for p in spec["masks"]]))
+            layout = Layout.from_masks(torch.stack([load_mask(root / p, "layout mask") for p in spec["masks"]]))
         else:
             boxes = [b["box"] if isinstance(b, dict) else b for b in spec["boxes"]]
             names = [b.get("label", "") if isinstance(b, dict) else "" for b in spec["boxes"]]

@@ -49,7 +49,7 @@ def plot_metric_bars(summaries: dict[str, dict], metrics: list[str], path: Path,
 
 def plot_worst_samples(results: list, samples: dict, path: Path, count: int = 8, title: str = "") -> Path:
     """The ``count`` lowest-scoring samples (by Multi-ID, else Overall, ...) as identity reports or images."""
-    from .evaluate import load_image
+    from .manifest import load_image
     from .report import render_identity_report
 
     plt = _pyplot()

@@ -1,8 +1,6 @@
-"""The shape of ``train/``: no module imports another module's private (``_x``) names, and the import graph of its
-modules has no cycle. A small AST walk; imports inside functions count too (a lazy import is still a dependency).
-
-Scope: ``train/`` only for now (``scoring/evaluate.py`` <-> ``scoring/plots.py`` is a known cycle, fixed separately);
-widen ``PACKAGES`` when the rest of the pack is clean."""
+"""The shape of the pack: no module imports another module's private (``_x``) names, and the import graph of its
+modules (every package and the top-level modules) has no cycle. A small AST walk; imports inside functions count too
+(a lazy import is still a dependency)."""
 
 from __future__ import annotations
 
@@ -12,16 +10,23 @@ from pathlib import Path
 import multisubject
 
 PACK = Path(multisubject.__file__).parent
-PACKAGES = ("train",)
+PACKAGES = ("attention", "nodes", "scoring", "train")
 
 
 def _modules() -> dict[str, Path]:
-    return {f"{package}.{path.stem}": path for package in PACKAGES for path in sorted((PACK / package).glob("*.py"))}
+    """Dotted name relative to the pack -> file, for every package's modules and the top-level modules."""
+    found = {f"{package}.{path.stem}": path for package in PACKAGES for path in sorted((PACK / package).glob("*.py"))}
+    return found | {path.stem: path for path in sorted(PACK.glob("*.py"))}
+
+
+def test_every_package_is_walked():
+    packages = {p.name for p in PACK.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"}
+    assert packages == set(PACKAGES), f"add the new package(s) {sorted(packages - set(PACKAGES))} to PACKAGES"
 
 
 def _imports(name: str, path: Path) -> list[tuple[str, list[str], int]]:
     """(imported module relative to the pack, imported names, line) for every import in the file."""
-    package = name.rsplit(".", 1)[0].split(".")
+    package = name.split(".")[:-1]
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
@@ -79,6 +84,7 @@ def test_the_import_graph_has_no_cycle():
     cycles = _cycles(graph)
     assert not cycles, "\n".join(cycles)
     assert graph["train.idar"] and "train.idar" not in graph["train.ippo_trainer"]  # the walk sees real edges
+    assert "attention.families" in graph["attention.weights"] and "headless" in graph["train.comfy_backend"]
 
 
 def test_the_walk_finds_a_private_import_and_a_cycle(tmp_path):
