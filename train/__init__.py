@@ -17,6 +17,7 @@ Layout (each trainer's file is its loop alone; what both share lives below it):
     backend.py                  build_backend(model, lora, moe, run), load_trainable, export_weights, load_run
     comfy_backend.py            ComfyUI's Flux with adapters and the IDAR hooks (the one ComfyUI import)
     config.py / ippo_config.py  frozen configs; sections convert through to_core() to attention/'s configs
+                                (FLUX facts: module names, patch, time shift, from attention/families.py)
     checkpoint.py               safetensors + JSON checkpoints, completion marker, rename-before-delete, converter
     rewards.py                  BUILTIN_REWARDS registry {name: (build, check_paths, resumable keys)} + plugins
     data.py / cache.py          manifest, validation, buckets; the latent/text cache

@@ -138,3 +138,17 @@ def test_a_config_saved_by_an_earlier_version_is_upgraded_to_what_this_version_s
     assert upgrade_config_dict(earlier) == {**now, "gspo": {**now["gspo"], "minibatches": 1}}
     idar = load_trainer_config(None, ["--model.tiny=true"]).to_dict()
     assert upgrade_config_dict({k: v for k, v in idar.items() if k != "trainer"}) == idar
+
+
+@pytest.mark.parametrize("key, value", [("gspo.clip_range_high", "inf"), ("gspo.clip_range", "nan"),
+                                        ("reward.detection_threshold", "nan")])
+def test_non_finite_ippo_floats_are_refused_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=rf"config key '{key}' must be a finite number, got {value}"):
+        load_ippo_config(None, ["--model.tiny=true", f"--{key}={value}"])
+
+
+def test_the_saved_config_holds_every_gspo_and_reward_key():
+    saved = load_ippo_config(None, ["--model.tiny=true", "--gspo.minibatches=2", "--gspo.clip_range_high=2e-4"]).to_dict()
+    assert saved["gspo"]["minibatches"] == 2 and saved["gspo"]["clip_range_high"] == 2e-4
+    assert {"detector_dir", "detection_threshold", "segmenter_dir"} <= set(saved["reward"])
+    assert "use_layout" not in saved["reward"] and "linear1_qkv_only" in saved["lora"]
