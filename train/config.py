@@ -69,8 +69,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("resolution", "ref_size"):
-            if getattr(self, name) % 16 or getattr(self, name) <= 0:
-                raise ValueError(f"data.{name} must be a positive multiple of 16, got {getattr(self, name)}")
+            step = FLUX.vae_downscale * FLUX.patch  # pixels per token side (16)
+            if getattr(self, name) % step or getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be a positive multiple of {step}, got {getattr(self, name)}")
         if self.max_aspect < 1.0:
             raise ValueError(f"data.max_aspect must be >= 1, got {self.max_aspect}")
         if not 0.0 <= self.text_dropout < 1.0:
