@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,18 +46,20 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .checks import weight_problems
+from .families import FLUX
 from .files import read_safetensors
 from .moe_lora import MoELoRA, MoELoRAConfig
 
 FORMAT = "multisubject.multicrafter"
 FORMAT_VERSION = 1
-BASE_MODEL = "flux1"
-LORA_PREFIX = "diffusion_model."
+# FLUX.1's module names and base-model tag: the family registry's (attention/families.py)
+BASE_MODEL = FLUX.weight_format.base_model
+LORA_PREFIX = FLUX.weight_format.lora_prefix
 MOE_PREFIX = "moe_lora."
 META = "multisubject."  # metadata key prefix
 
-LORA_TARGET = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12])$")
-MOE_TARGET = re.compile(r"^double_blocks\.\d+\.(img|txt)_mlp$")
+LORA_TARGET = FLUX.weight_format.lora_target
+MOE_TARGET = FLUX.weight_format.moe_target
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
 _MOE_SUFFIXES = (".router.weight", ".lora_A", ".lora_B")
 

@@ -91,7 +91,8 @@ def main() -> None:
         image, ref, n_txt, lora, moe = 64, 32, 128, LoRAConfig(rank=32), MoEConfig(rank=16)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     flux = load_flux(cfg, dtype=dtype).model.diffusion_model
-    backend = FluxBackend(flux, lora, moe, grad_checkpointing=args.grad_checkpointing).to(device)
+    backend = FluxBackend(flux, lora.to_core(cfg.tiny_depth, cfg.tiny_depth_single), moe.to_core(cfg.tiny_depth),
+                          grad_checkpointing=args.grad_checkpointing).to(device)
     blocks = list(range(cfg.tiny_depth))
     gen = torch.Generator().manual_seed(0)
     batch, subjects = 1, 2

@@ -10,12 +10,17 @@ Shape legend (same letters as ``attention/``):
     G   group size (IPPO: images per prompt group)
     K   denoising steps of a rollout   W   steps inside the SDE window
 
-Pieces meant for reuse by other trainers (e.g. stage 2, IPPO):
-    config.load_config(path, overrides, cls)   TOML + ``--section.key=value`` into any frozen config dataclass tree
-    config.config_diff / to_dict                resolved-config dicts for checkpoints, metadata and resume checks
-    comfy_backend.load_flux / FluxBackend       ComfyUI's Flux (patcher), adapters injected, IDAR maps, routing logits
-    comfy_backend.ComfyEncoder / latent_to_rgb  VAE + CLIP/T5 through ComfyUI; latent previews
-    checkpoint.save_checkpoint / load_checkpoint / list_checkpoints   atomic, keep-last-K, config-checked
-    distributed.setup_distributed / average_gradients / shard_flux / full_trainable_state   torchrun, DDP-style, FSDP2
-    idar.export_weights / load_run / build_backend   the MultiCrafter weight file; a backend from a checkpoint
+Layout (each trainer's file is its loop alone; what both share lives below it):
+    idar.py / ippo_trainer.py   the two loops (stage 1: flow + IDAR Dice; stage 2: GSPO rollouts + rewards)
+    run.py                      run bookkeeping: Position, resume_path, prepare_checkpoints (crash tidy-up, rollback),
+                                restore / save (all ranks), lr schedule, sample_generator, SigtermGuard, Observers
+    backend.py                  build_backend(model, lora, moe, run), load_trainable, export_weights, load_run
+    comfy_backend.py            ComfyUI's Flux with adapters and the IDAR hooks (the one ComfyUI import)
+    config.py / ippo_config.py  frozen configs; sections convert through to_core() to attention/'s configs
+                                (FLUX facts: module names, patch, time shift, from attention/families.py)
+    checkpoint.py               safetensors + JSON checkpoints, completion marker, rename-before-delete, converter
+    rewards.py                  BUILTIN_REWARDS registry {name: (build, check_paths, resumable keys)} + plugins
+    data.py / cache.py          manifest, validation, buckets; the latent/text cache
+    ippo.py / gspo.py / sde.py  one IPPO iteration, the GSPO objective, the SDE sampler and its window
+    distributed.py / reward_ranks.py   torchrun, DDP-style averaging, FSDP2; reward-only ranks
 """

@@ -18,13 +18,22 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..attention.families import FLUX
 from .config import DataConfig
-from .data import ManifestRow, assign_bucket, fit_to_bucket, load_image, load_mask, make_buckets, mask_tokens
+from .data import (
+    ManifestRow,
+    assign_bucket,
+    fit_to_bucket,
+    image_size,
+    load_image,
+    load_mask,
+    make_buckets,
+    mask_tokens,
+)
 
 SHARD_ENTRIES = 512  # cache entries per shard file
 
@@ -47,12 +56,12 @@ class TinyEncoder:
 
     def __init__(self, context_dim: int, vec_dim: int, tokens: int = 8, seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.channels = torch.randn(16, 3, generator=gen)
+        self.channels = torch.randn(FLUX.latent_channels, 3, generator=gen)
         self.context_dim, self.vec_dim, self.tokens = context_dim, vec_dim, tokens
         self.name = f"tiny-{context_dim}-{vec_dim}-{tokens}-{seed}"
 
     def encode_images(self, pixels: Tensor) -> Tensor:
-        pooled = F.avg_pool2d(pixels.float(), 8)  # (B, 3, H/8, W/8)
+        pooled = F.avg_pool2d(pixels.float(), FLUX.vae_downscale)  # (B, 3, H/8, W/8)
         return torch.einsum("oc,bchw->bohw", self.channels, pooled)
 
     def encode_texts(self, captions: list[str]) -> tuple[Tensor, Tensor]:
@@ -89,8 +98,7 @@ def text_hash(text: str) -> str:
 
 
 def sample_keys(row: ManifestRow, cfg: DataConfig, encoder_name: str) -> SampleKeys:
-    with Image.open(row.image) as im:
-        bucket = assign_bucket(*im.size, make_buckets(cfg.resolution, cfg.max_aspect))
+    bucket = assign_bucket(*image_size(row.image), make_buckets(cfg.resolution, cfg.max_aspect))
     geometry = f"{bucket[0]}x{bucket[1]}"
     return SampleKeys(
         line=row.line,
@@ -153,7 +161,7 @@ def _encode_entry(key: str, kind: str, source, cfg: DataConfig, encoder: Encoder
         if kind == "masks":
             paths, (width, height) = source
             masks = [fit_to_bucket(load_mask(p)[None], width, height, mode="area")[0] for p in paths]
-            return {key: torch.stack([mask_tokens(m, height // 8, width // 8) for m in masks])}
+            return {key: torch.stack([mask_tokens(m, height // FLUX.vae_downscale, width // FLUX.vae_downscale) for m in masks])}
         context, pooled = encoder.encode_texts([source])
         return {f"{key}#context": context[0].float().cpu(), f"{key}#pooled": pooled[0].float().cpu()}
 

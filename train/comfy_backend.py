@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..attention.families import FLUX, TokenLayout
 from ..attention.hook_keys import IDAR_BLOCK
 from ..attention.moe_lora import MoELoRA, MoELoRAConfig, MoELoRAFFN
-from ..attention.reference_attention import TokenLayout
-from .config import LoRAConfig, ModelConfig, MoEConfig
+from ..attention.weights import LoRAConfig
+from .config import ModelConfig
 from .lora import LoRALinear, get_submodule_parent, inject_lora
 from .losses import supervised_maps
 
@@ -54,10 +56,11 @@ def tiny_unet_config(cfg: ModelConfig) -> dict:
     """ComfyUI Flux config at tiny sizes (comfyui.md §6): real class, random weights."""
     head_dim = cfg.tiny_hidden // cfg.tiny_heads
     side = (head_dim // 4) * 3 // 2 // 2 * 2  # two equal even spatial axes, the rest for the index axis
-    return dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=cfg.tiny_vec_dim,
+    return dict(image_model="flux", in_channels=FLUX.latent_channels, out_channels=FLUX.latent_channels,
+                vec_in_dim=cfg.tiny_vec_dim,
                 context_in_dim=cfg.tiny_context_dim, hidden_size=cfg.tiny_hidden, mlp_ratio=4.0,
                 num_heads=cfg.tiny_heads, depth=cfg.tiny_depth, depth_single_blocks=cfg.tiny_depth_single,
-                axes_dim=[head_dim - 2 * side, side, side], theta=10000, patch_size=2, qkv_bias=True,
+                axes_dim=[head_dim - 2 * side, side, side], theta=10000, patch_size=FLUX.patch, qkv_bias=True,
                 guidance_embed=True)
 
 
@@ -100,29 +103,6 @@ def load_flux(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 
         raise RuntimeError(f"{cfg.diffusion_model} loaded as {type(flux).__module__}.{type(flux).__name__}; the IDAR "
                            "trainer needs a FLUX.1 model (comfy.ldm.flux.model.Flux)")
     return patcher
-
-
-def lora_paths(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Dotted paths of the Linear layers that get an attention LoRA (spec §2.4: attention of all blocks)."""
-    paths = []
-    for i in range(len(model.double_blocks)):
-        if not cfg.double_blocks or i in cfg.double_blocks:
-            paths += [f"double_blocks.{i}.{t}" for t in cfg.targets if "attn" in t]
-    for i in range(len(model.single_blocks)):
-        if not cfg.single_blocks or i in cfg.single_blocks:
-            paths += [f"single_blocks.{i}.{t}" for t in cfg.targets if t in ("linear1", "linear2")]
-    return paths
-
-
-def moe_lora_config(model: nn.Module, cfg: MoEConfig) -> MoELoRAConfig:
-    """The ``attention.moe_lora`` config for this model: image-stream FFNs of the chosen double blocks (spec §4.2)."""
-    depth = len(model.double_blocks)
-    bad = [i for i in cfg.blocks if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"moe.blocks {bad} do not exist; this model has double blocks 0..{depth - 1}")
-    blocks = cfg.blocks or tuple(range(depth))
-    return MoELoRAConfig(num_experts=cfg.num_experts, rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank),
-                         top_k=cfg.top_k, routing=cfg.routing, targets=tuple(f"double_blocks.{i}.img_mlp" for i in blocks))
 
 
 def inject_moe(model: nn.Module, config: MoELoRAConfig) -> dict[str, MoELoRA]:
@@ -168,32 +148,38 @@ class FluxInputs:
 
 def token_layout(inputs: FluxInputs) -> TokenLayout:
     """Where txt, image and reference tokens sit in Flux's joint sequence ``[txt | img | ref_0 | ...]``."""
-    return TokenLayout.from_latents(inputs.context.shape[1], tuple(inputs.x_t.shape[-2:]),
-                                    [tuple(r.shape[-2:]) for r in inputs.refs])
+    return FLUX.token_layout(inputs.context.shape[1], tuple(inputs.x_t.shape[-2:]),
+                             [tuple(r.shape[-2:]) for r in inputs.refs])
 
 
 class FluxBackend(nn.Module):
     """ComfyUI's Flux with attention LoRA, run with the hooks IDAR needs. ``trainable_parameters()`` is what the
     optimizer sees; the base stays frozen."""
 
-    def __init__(self, diffusion_model: nn.Module, lora: LoRAConfig, moe: MoEConfig | None = None,
-                 grad_checkpointing: bool = False) -> None:
+    def __init__(self, diffusion_model: nn.Module, lora: LoRAConfig | None, moe: MoELoRAConfig | None = None,
+                 grad_checkpointing: bool = False, lora_rows: Mapping[str, int] | None = None) -> None:
+        """``lora``/``moe``: the core adapter configs with their module paths (a trainer config's ``to_core``);
+        None = no such adapter. ``lora_rows``: LoRA paths that change only their Linear's first outputs (a trainer
+        config's ``LoRAConfig.out_rows``, e.g. UNO's single-block q/k/v LoRA); exported zero-padded."""
         super().__init__()
         self.flux = diffusion_model.requires_grad_(False)  # the base stays frozen; only the adapters below train
         self.grad_checkpointing = grad_checkpointing
-        paths = lora_paths(self.flux, lora) if lora.rank > 0 else []
-        # UNO's single-block LoRA: only the q/k/v outputs of linear1 ([q | k | v | mlp_in]), not the MLP input
-        rows = {p: 3 * self.flux.hidden_size for p in paths if lora.linear1_qkv_only and p.endswith(".linear1")}
-        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, paths, lora.rank, lora.alpha, rows)
-        self.moe_config = moe_lora_config(self.flux, moe) if moe is not None and moe.enabled else None
-        self.moes: dict[str, MoELoRA] = inject_moe(self.flux, self.moe_config) if self.moe_config else {}
+        self.lora_config, self.moe_config = lora, moe
+        self.loras: dict[str, LoRALinear] = inject_lora(self.flux, list(lora.targets), lora.rank, lora.alpha,
+                                                        dict(lora_rows or {})) if lora is not None else {}
+        self.moes: dict[str, MoELoRA] = inject_moe(self.flux, moe) if moe is not None else {}
         self.routing: list[tuple[Tensor, Tensor]] = []  # (router logits (T, E), experts (T, k)) of the last forward
         for module in self.moes.values():
             module.router_logits_hooks.append(lambda logits, experts: self.routing.append((logits, experts)))
 
     @property
+    def double_blocks(self) -> nn.ModuleList:
+        """The dual-stream blocks (the family registry names their attribute)."""
+        return getattr(self.flux, FLUX.double_blocks)
+
+    @property
     def num_double_blocks(self) -> int:
-        return len(self.flux.double_blocks)
+        return len(self.double_blocks)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -224,7 +210,7 @@ class FluxBackend(nn.Module):
         # (``txt +=``, ``x +=``), which autograd refuses; the runner hands them copies (see _saved_copies_of)
         grad = torch.is_grad_enabled()
         replace = {}
-        for i in range(len(self.flux.double_blocks)):
+        for i in range(len(self.double_blocks)):
             if i in idar_blocks or grad:
                 replace[("double_block", i)] = self._block_runner("double", i, i in idar_blocks)
         if grad:
@@ -241,7 +227,7 @@ class FluxBackend(nn.Module):
         the last block."""
         grad = torch.is_grad_enabled()
         use_checkpoint = self.grad_checkpointing and grad
-        block = (self.flux.double_blocks if kind == "double" else self.flux.single_blocks)[index]
+        block = (self.double_blocks if kind == "double" else self.flux.single_blocks)[index]
         keys = ("img", "txt") if kind == "double" else ("img",)
 
         def run(args: dict, extra: dict) -> dict:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..attention.attention_maps import DIRECTIONS
+from ..attention.families import FLUX
+from ..attention.moe_lora import MoELoRAConfig
+from ..attention.weights import LoRAConfig as CoreLoRAConfig
 
 try:
     import tomllib
@@ -23,7 +28,9 @@ except ModuleNotFoundError:  # python 3.10: the same API from the backport
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
-LORA_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+LORA_TARGETS = FLUX.weight_format.lora_leaves  # per-block Linear names: img/txt_attn.qkv/proj, linear1/2
+TRAINERS = ("idar", "ippo")
+log = logging.getLogger("multisubject.train")
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("resolution", "ref_size"):
-            if getattr(self, name) % 16 or getattr(self, name) <= 0:
-                raise ValueError(f"data.{name} must be a positive multiple of 16, got {getattr(self, name)}")
+            step = FLUX.vae_downscale * FLUX.patch  # pixels per token side (16)
+            if getattr(self, name) % step or getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be a positive multiple of {step}, got {getattr(self, name)}")
         if self.max_aspect < 1.0:
             raise ValueError(f"data.max_aspect must be >= 1, got {self.max_aspect}")
         if not 0.0 <= self.text_dropout < 1.0:
@@ -83,10 +91,32 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 0:
-            raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
+            raise ValueError(f"lora.rank must be >= 0 (0 = no attention LoRA), got {self.rank}")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"lora.targets has unknown entries {bad}; choose from {list(LORA_TARGETS)}")
+        _checked("lora", lambda: self.to_core(0, 0))  # rank, alpha: the core config's checks
+
+    def to_core(self, double_blocks: int, single_blocks: int) -> CoreLoRAConfig | None:
+        """The core attention-LoRA config (module paths) for a Flux with these block counts; None when rank = 0."""
+        if self.rank == 0:
+            return None
+        paths = []
+        for i in range(double_blocks):
+            if not self.double_blocks or i in self.double_blocks:
+                paths += [f"{FLUX.double_blocks}.{i}.{t}" for t in self.targets if "attn" in t]
+        for i in range(single_blocks):
+            if not self.single_blocks or i in self.single_blocks:
+                paths += [f"single_blocks.{i}.{t}" for t in self.targets if t in ("linear1", "linear2")]
+        return CoreLoRAConfig(rank=self.rank, alpha=self.alpha or float(self.rank), targets=tuple(paths))
+
+    def out_rows(self, core: CoreLoRAConfig | None, hidden_size: int) -> dict[str, int]:
+        """The LoRAs of ``core`` (``to_core``'s) that change only their Linear's first outputs: with
+        ``linear1_qkv_only``, each single block's ``linear1`` ([q | k | v | mlp_in]) on its 3 · ``hidden_size``
+        q/k/v rows (UNO); {} otherwise."""
+        if core is None or not self.linear1_qkv_only:
+            return {}
+        return {p: 3 * hidden_size for p in core.targets if p.startswith("single_blocks.") and p.endswith(".linear1")}
 
 
 @dataclass(frozen=True)
@@ -101,14 +131,32 @@ class MoEConfig:
     routing: str = "switch"  # switch (router gets gradient with top-1, spec §4.2) | renormalized (softmax over top-k)
 
     def __post_init__(self) -> None:
-        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe needs num_experts >= 1 and 1 <= top_k <= num_experts, got {self.num_experts}/{self.top_k}")
-        if self.rank < 1:
-            raise ValueError(f"moe.rank must be >= 1, got {self.rank}")
         if self.balance_weight < 0:
             raise ValueError(f"moe.balance_weight must be >= 0, got {self.balance_weight}")
-        if self.routing not in ("switch", "renormalized"):
-            raise ValueError(f"moe.routing must be 'switch' or 'renormalized', got '{self.routing}'")
+        _checked("moe", lambda: self._core(()))  # experts, rank, alpha, top_k, routing: the core config's checks
+
+    def to_core(self, double_blocks: int) -> MoELoRAConfig | None:
+        """The core MoE-LoRA config for a Flux with ``double_blocks`` double blocks: the image-stream FFNs of the
+        chosen blocks (spec §4.2); None when disabled."""
+        if not self.enabled:
+            return None
+        bad = [i for i in self.blocks if not 0 <= i < double_blocks]
+        if bad:
+            raise ValueError(f"moe.blocks {bad} do not exist; this model has double blocks 0..{double_blocks - 1}")
+        blocks = self.blocks or tuple(range(double_blocks))
+        return self._core(tuple(f"{FLUX.double_blocks}.{i}.img_mlp" for i in blocks))
+
+    def _core(self, targets: tuple[str, ...]) -> MoELoRAConfig:
+        return MoELoRAConfig(num_experts=self.num_experts, rank=self.rank, alpha=self.alpha or float(self.rank),
+                             top_k=self.top_k, routing=self.routing, targets=targets)
+
+
+def _checked(section: str, build) -> None:
+    """Run a core config's own checks on a trainer section, naming the section in the error."""
+    try:
+        build()
+    except ValueError as e:
+        raise ValueError(f"[{section}] {e}") from None
 
 
 @dataclass(frozen=True)
@@ -142,10 +190,14 @@ class OptimConfig:
     micro_batch: int = 1  # samples per rank per forward
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = micro_batch * grad_accum * world size
 
+    min_lr: ClassVar[float | None] = None  # the smallest allowed lr (None: lr must be > 0)
+
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got '{self.schedule}'")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+        if self.min_lr is not None and self.lr < self.min_lr:
+            raise ValueError(f"optim.lr must be >= {self.min_lr} ({self.min_lr} = frozen policy), got {self.lr}")
+        if (self.min_lr is None and self.lr <= 0) or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("optim.lr must be > 0, optim.warmup_steps >= 0 and optim.grad_clip >= 0")
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError(f"optim.micro_batch and optim.grad_accum must be >= 1, got {self.micro_batch}/{self.grad_accum}")
@@ -176,6 +228,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class IDARConfig:
+    trainer: str = "idar"  # which trainer this config is for (`train export`, `data cache` read it)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -184,8 +237,17 @@ class IDARConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        check_trainer(self.trainer, "idar")
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def check_trainer(value: str, expected: str) -> None:
+    if value != expected:
+        raise ValueError(f"this config says trainer = {value!r}, but it is being loaded for the {expected!r} trainer; "
+                         f"use `train {value}` (trainers: {list(TRAINERS)}) or fix the `trainer` key")
 
 
 # loading
@@ -205,21 +267,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = IDARConfig) -> Any:
-    """TOML file (optional) + ``--section.key=value`` overrides -> validated frozen config.
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = IDARConfig,
+                base: dict[str, Any] | None = None) -> Any:
+    """TOML file (optional; or a ``base`` dict) + ``--section.key=value`` overrides -> validated frozen config.
 
-    Unknown sections/keys, unparsable values and wrong types raise ``ValueError`` naming the key.
+    Unknown sections/keys, unparsable or non-finite values and wrong types raise ``ValueError`` naming the key.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        with open(path, "rb") as fh:
-            try:
-                raw = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"config file {path} is not valid TOML: {e}") from e
+    raw: dict[str, Any] = read_toml(path) if path is not None else _deep_copy(base or {})
     for item in overrides:
         key, value = parse_override(item)
         section, _, name = key.rpartition(".")
@@ -230,6 +284,21 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
     return from_dict(cls, raw)
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    with open(path, "rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from e
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``--optim.lr=1e-4`` -> ("optim.lr", 1e-4). Values are Python/TOML literals; bare words are strings."""
     body = item[2:] if item.startswith("--") else item
@@ -238,14 +307,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = body.split("=", 1)
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = {"true": True, "false": False}.get(text.lower(), text)
+    except (ValueError, SyntaxError):  # TOML's words: true, false, nan, inf (refused later for a float key)
+        words = {"true": True, "false": False, "nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+        value = words.get(text.strip().lower(), text)
     return key.strip(), value
 
 
 def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
+    """A ``cls`` from a nested dict, every value type-checked; errors name the key (``section.key``)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    raw = _renamed_legacy_keys(cls, raw, where)
     unknown = sorted(set(raw) - names)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -262,7 +334,28 @@ def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
             kwargs[name] = from_dict(kind, value, key)
         else:
             kwargs[name] = _coerce(key, kind, value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a core config's own check: say which section it came from
+        if not where or f"{where}." in str(e) or str(e).startswith("["):
+            raise
+        raise ValueError(f"[{where}] {e}") from None
+
+
+def _renamed_legacy_keys(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Keys a section renamed (``cls.LEGACY_KEYS``: old name -> new dotted path inside it) moved to their new place,
+    with a deprecation message."""
+    legacy = getattr(cls, "LEGACY_KEYS", {})
+    if not legacy or not set(raw) & set(legacy):
+        return raw
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old in sorted(set(raw) & set(legacy)):
+        new = legacy[old]
+        section, _, name = new.rpartition(".")
+        log.warning("config key '%s.%s' is deprecated; write it as '%s.%s' (the old name stops working in a later "
+                    "version)", where, old, where, new)
+        raw.setdefault(section, {})[name] = raw.pop(old)
+    return raw
 
 
 def _coerce(key: str, kind: Any, value: Any) -> Any:
@@ -284,6 +377,8 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"config key '{key}' expects {kind.__name__}, got {type(value).__name__} {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"config key '{key}' must be a finite number, got {value}")
     return value
 
 

@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..attention.families import FLUX
 from ..attention.layout import TokenGrid, mask_token_coverage
 from ..attention.preview import region_colour
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-BUCKET_STEP = 16  # pixels: VAE /8 then Flux 2x2 patches
+BUCKET_STEP = FLUX.vae_downscale * FLUX.patch  # pixels per token side: VAE /8 then Flux 2x2 patches (16)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,12 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise ValueError(f"manifest {path} does not exist; build one with `python -m multisubject data build`")
     root = path.parent
     rows, problems = [], []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"manifest {path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                         "save it as UTF-8 (e.g. re-run `data build`, or convert it with iconv)") from None
+    for number, text in enumerate(lines, start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         try:
@@ -102,6 +108,19 @@ def _parse_row(item: object, number: int, root: Path) -> tuple[ManifestRow | Non
             problems.append(f"{where}: {key} file '{rel}' not found (relative to {root})")
     if problems:
         return None, problems
+    sizes = {}
+    for key, rel in files:
+        try:
+            sizes[key] = image_size(root / rel)
+        except ValueError as e:
+            problems.append(f"{where}: {key}: {e}")
+    for i in range(len(masks)):
+        mask, target = sizes.get(f"masks[{i}]"), sizes.get("image")
+        if mask and target and mask != target:
+            problems.append(f"{where}: masks[{i}] is {mask[0]}x{mask[1]}, target is {target[0]}x{target[1]}; masks must "
+                            "be the target's size (they are never resized to fit)")
+    if problems:
+        return None, problems
     return ManifestRow(number, root / item["image"], item["caption"], tuple(root / r for r in refs),
                        tuple(root / m for m in masks), tuple(str(x) for x in labels)), []
 
@@ -136,8 +155,7 @@ def validate_dataset(manifest: str | Path, resolution: int = 512, max_aspect: fl
     subjects, bucket_counts = {}, {}
     for row in rows:
         where = f"line {row.line}"
-        with Image.open(row.image) as im:
-            size = im.size
+        size = image_size(row.image)
         if min(size) < min_side:
             warnings.append(f"{where}: target {size[0]}x{size[1]} is smaller than {min_side} px on one side")
         bucket = assign_bucket(*size, buckets)
@@ -145,11 +163,7 @@ def validate_dataset(manifest: str | Path, resolution: int = 512, max_aspect: fl
         subjects[row.num_subjects] = subjects.get(row.num_subjects, 0) + 1
         masks = []
         for i, mask_path in enumerate(row.masks):
-            mask = load_mask(mask_path)
-            if tuple(mask.shape[::-1]) != size:
-                problems.append(f"{where}: masks[{i}] is {mask.shape[1]}x{mask.shape[0]}, target is {size[0]}x{size[1]};"
-                                " masks must be the target's size")
-                continue
+            mask = load_mask(mask_path)  # the target's size (read_manifest checks)
             area = float(mask.mean())
             if area == 0:
                 problems.append(f"{where}: masks[{i}] is empty (all black)")
@@ -253,18 +267,30 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tu
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header; an unreadable file raises ``ValueError`` naming it."""
+    return _read_image(path, lambda im: im.size)
+
+
 def load_image(path: Path) -> Tensor:
     """Shapes: returns (3, H, W) float in [-1, 1] (alpha dropped, grayscale expanded)."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    array = _read_image(path, lambda im: np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def load_mask(path: Path) -> Tensor:
     """Shapes: returns (H, W) float, 1 where the mask is brighter than half."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    array = _read_image(path, lambda im: np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
     return torch.from_numpy((array >= 0.5).astype(np.float32))
+
+
+def _read_image(path: Path, read):
+    try:
+        with Image.open(path) as im:
+            return read(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways to say "not an image"
+        raise ValueError(f"image file {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it is not an image "
+                         "PIL can open, or it is truncated: replace the file or remove its manifest line") from None
 
 
 def fit_to_bucket(image: Tensor, width: int, height: int, mode: str = "bicubic") -> Tensor:
@@ -289,7 +315,7 @@ def mask_tokens(mask: Tensor, latent_h: int, latent_w: int) -> Tensor:
     Shapes:
         mask: (H, W) float in [0, 1]; returns (L,) float in {0, 1}, L = ceil(latent_h/2) * ceil(latent_w/2)
     """
-    coverage = mask_token_coverage(mask, TokenGrid.from_latent(latent_h, latent_w, 2))
+    coverage = mask_token_coverage(mask, TokenGrid.from_latent(latent_h, latent_w, FLUX.patch))
     return (coverage >= 0.5).float().flatten()
 
 

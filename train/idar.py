@@ -1,5 +1,6 @@
 """IDAR trainer (MultiCrafter stage 1): flow loss + lambda * IDAR Dice loss + Switch balance loss, on FLUX through
-ComfyUI's own model code. A readable loop (nanoGPT style) over small functions; see README "Training: IDAR".
+ComfyUI's own model code. The loop, readable top to bottom (nanoGPT style), over small functions; the run
+bookkeeping around it (resume, checkpoints, observers, SIGTERM) is ``run.py``. See README "Training: IDAR".
 
     python -m multisubject train idar --config cfg.toml [--section.key=value ...]
     torchrun --nproc_per_node=8 -m multisubject train idar --config cfg.toml
@@ -7,11 +8,8 @@ ComfyUI's own model code. A readable loop (nanoGPT style) over small functions; 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,17 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..attention.weights import LoRAConfig as WeightsLoRAConfig
-from ..attention.weights import (
-    LoRAPair,
-    MoEExperts,
-    MultiCrafterWeights,
-    check_against_model,
-    module_features,
-    save_multicrafter_weights,
-)
+from ..attention.families import FLUX
+from .backend import build_backend, export_weights
 from .cache import LatentCache, empty_text_key, file_hash
-from .checkpoint import checkpoint_root, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import RESUMABLE_KEYS, checkpoint_root
 from .config import IDARConfig
 from .data import epoch_batches, rank_slice, read_manifest
 from .distributed import (
@@ -39,16 +30,22 @@ from .distributed import (
     any_rank,
     average_gradients,
     barrier,
-    full_optimizer_state,
-    full_trainable_state,
     is_sharded,
-    load_optimizer_state,
-    load_trainable_state,
     setup_distributed,
-    shard_flux,
     teardown_distributed,
 )
 from .losses import balance_loss, flow_loss, idar_loss, noised, router_load, sample_timesteps
+from .run import (
+    Observers,
+    Position,
+    SigtermGuard,
+    optimizer_and_schedule,
+    prepare_checkpoints,
+    restore,
+    resume_path,
+    sample_generator,
+    save,
+)
 
 EXPORT_NAME = "multicrafter_idar.safetensors"
 log = logging.getLogger("multisubject.train")
@@ -88,14 +85,6 @@ def load_batch(cache: LatentCache, ids: list[int], drop_text: list[bool], device
     )
 
 
-def sample_generator(seed: int, step: int, slot: int) -> torch.Generator:
-    """Randomness of one sample of one step, a pure function of (seed, step, position in the global batch): the
-    same sample draws the same noise however the batch is split over ranks and micro-batches, and resume needs no
-    generator state."""
-    digest = hashlib.sha256(f"{seed}/{step}/{slot}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
 def draw_noise(batch_slots: list[int], step: int, cfg: IDARConfig, shape: tuple[int, ...], image_tokens: int
                ) -> tuple[Tensor, Tensor, list[bool]]:
     """Per sample: timestep t, noise, text dropout. Shapes: returns t (B,), noise (B, C, h, w), drops [B]."""
@@ -110,37 +99,12 @@ def draw_noise(batch_slots: list[int], step: int, cfg: IDARConfig, shape: tuple[
 
 # model
 
-def build_backend(cfg: IDARConfig, device: torch.device, info: DistInfo | None = None):
-    """ComfyUI's Flux with the configured adapters on ``device``; with ``run.fsdp`` under torchrun, sharded."""
-    from .comfy_backend import FluxBackend, load_flux  # imports ComfyUI
-
-    base_dtype = torch.bfloat16 if cfg.run.precision == "bf16" and device.type == "cuda" else torch.float32
-    flux = load_flux(cfg.model, dtype=base_dtype, seed=cfg.run.seed).model.diffusion_model
-    backend = FluxBackend(flux, cfg.lora, cfg.moe, cfg.run.grad_checkpointing).to(device)
-    for _, p in backend.trainable_parameters():
-        p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
-    if cfg.run.fsdp and info is not None and info.world_size > 1:
-        shard_flux(backend.flux, info)
-    return backend
-
-
 def idar_blocks(cfg: IDARConfig, num_double_blocks: int) -> list[int]:
     blocks = list(cfg.loss.idar_blocks) or list(range(num_double_blocks))
     bad = [i for i in blocks if not 0 <= i < num_double_blocks]
     if bad:
         raise ValueError(f"loss.idar_blocks {bad} do not exist; this model has double blocks 0..{num_double_blocks - 1}")
     return blocks
-
-
-def lr_factor(step: int, cfg: IDARConfig) -> float:
-    """Linear warmup, then constant / cosine / linear decay to 0 at run.max_steps."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.run.max_steps - o.warmup_steps))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
 
 
 # one step
@@ -183,13 +147,6 @@ def check_finite(terms: dict[str, Tensor], step: int, lines: list[int]) -> None:
 
 # the loop
 
-@dataclass
-class Position:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch: int = 0  # global batches of this epoch already consumed
-
-
 def train_idar(cfg: IDARConfig) -> Path:
     """Train; returns the exported weight file (or, when stopped by SIGTERM, the checkpoint it saved). Safe to kill
     at any point: re-running resumes (run.resume=auto)."""
@@ -214,32 +171,23 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
                          f"(groups: { {str(k): len(v) for k, v in groups.items()} }); lower optim.micro_batch/grad_accum")
 
     torch.manual_seed(cfg.run.seed)
-    backend = build_backend(cfg, info.device, info)
+    backend = build_backend(cfg.model, cfg.lora, cfg.moe, cfg.run, info.device, info)
     blocks = idar_blocks(cfg, backend.num_double_blocks)
-    named = backend.trainable_parameters()
-    params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    params = [p for _, p in backend.trainable_parameters()]
+    optimizer, scheduler = optimizer_and_schedule(params, cfg.optim, cfg.run.max_steps)
+    config = cfg.to_dict()
     pos = Position()
-
-    resume = _resume_path(cfg, out_dir)
+    resume = resume_path(cfg.run)
+    prepare_checkpoints(cfg.run, resume, info)
     if resume is not None:
-        state = load_checkpoint(resume, cfg.to_dict())
-        load_trainable(backend, state["trainable"], resume)
-        load_optimizer_state(backend, optimizer, state["optimizer"], is_sharded(params))
-        scheduler.load_state_dict(state["scheduler"])
-        pos = Position(**state["position"])
-        set_rng_state(state["rng"])
+        pos = restore(resume, config, RESUMABLE_KEYS, backend, optimizer, scheduler)
         if info.is_main:
             log.info("resumed from %s at step %d", resume, pos.step)
 
-    stop = {"sigterm": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    writer, bar = _observers(cfg, info, out_dir, pos.step)
     epoch_cache: tuple[int, list[list[int]]] = (-1, [])
     saved_step = pos.step if resume is not None else -1
-    try:
-        while pos.step < cfg.run.max_steps and not stop["sigterm"]:
+    with SigtermGuard() as sigterm, Observers(config, cfg.run, info, pos.step, "idar") as observers:
+        while pos.step < cfg.run.max_steps and not sigterm.requested:
             if epoch_cache[0] != pos.epoch:
                 epoch_cache = (pos.epoch, epoch_batches(groups, global_batch, cfg.run.seed, pos.epoch))
             if pos.batch >= len(epoch_cache[1]):
@@ -253,29 +201,24 @@ def _train(cfg: IDARConfig, info: DistInfo) -> Path:
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
             metrics.update(grad_norm=grad_norm, lr=torch.tensor(scheduler.get_last_lr()[0]),
                            step_time=torch.tensor(time.perf_counter() - started))
-            _log(writer, bar, metrics, pos.step, cfg, info)
-            stop["sigterm"] = any_rank(stop["sigterm"], info)
+            _log(observers, metrics, pos.step, info)
+            sigterm.requested = any_rank(sigterm.requested, info)
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
-                _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
+                save(backend, optimizer, scheduler, pos, config, cfg.run, info)
                 saved_step = pos.step
-            if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
+            preview = observers.preview_path(pos.step, "step")
+            if preview is not None:
                 from .preview import write_preview
 
-                write_preview(backend, cache, epoch_cache[1][0][0], cfg, blocks, out_dir / "samples" / f"step_{pos.step:08d}.png")
+                write_preview(backend, cache, epoch_cache[1][0][0], cfg, blocks, preview)
         if saved_step != pos.step:
-            _save(backend, optimizer, scheduler, pos, cfg, out_dir, info)
-        if stop["sigterm"]:
+            save(backend, optimizer, scheduler, pos, config, cfg.run, info)
+        if sigterm.requested:
             log.info("stopped by SIGTERM at step %d; checkpoint saved; run the same command again to resume", pos.step)
             return checkpoint_root(out_dir) / f"step_{pos.step:08d}"
-        export = export_weights(backend, cfg, out_dir / EXPORT_NAME, write=info.is_main)
-        barrier(info)
-        return export
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
+    export = export_weights(backend, config, out_dir / EXPORT_NAME, write=info.is_main)
+    barrier(info)
+    return export
 
 
 def _optimizer_step(backend, cache: LatentCache, mine: list[int], slot0: int, step: int, cfg: IDARConfig,
@@ -288,7 +231,7 @@ def _optimizer_step(backend, cache: LatentCache, mine: list[int], slot0: int, st
         ids = mine[m * micro:(m + 1) * micro]
         slots = list(range(slot0 + m * micro, slot0 + (m + 1) * micro))
         sample = cache.get(cache.samples[ids[0]].target)
-        tokens = ((sample.shape[-2] + 1) // 2) * ((sample.shape[-1] + 1) // 2)
+        tokens = math.prod(FLUX.token_grid(*sample.shape[-2:]))
         t, noise, drops = draw_noise(slots, step, cfg, tuple(sample.shape), tokens)
         batch = load_batch(cache, ids, drops, info.device)
         terms = micro_step(backend, batch, t, noise, cfg, blocks, with_maps)
@@ -313,117 +256,23 @@ def _clip_and_step(params, optimizer, scheduler, cfg: IDARConfig, info: DistInfo
     return norm.detach().cpu()
 
 
-def _resume_path(cfg: IDARConfig, out_dir: Path) -> Path | None:
-    if cfg.run.resume == "":
-        return None
-    if cfg.run.resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    path = Path(cfg.run.resume)
-    if not path.is_dir():
-        raise ValueError(f"run.resume {path} does not exist; give a folder under {out_dir}/checkpoints, 'auto' or ''")
-    return path
-
-
-def _save(backend, optimizer, scheduler, pos: Position, cfg: IDARConfig, out_dir: Path, info: DistInfo) -> None:
-    named = backend.trainable_parameters()
-    trainable = full_trainable_state(named)  # collectives under FSDP: every rank takes part
-    optim_state = full_optimizer_state(backend, optimizer, is_sharded([p for _, p in named]))
-    if info.is_main:
-        save_checkpoint(out_dir, pos.step, {"trainable": trainable, "optimizer": optim_state,
-                                            "scheduler": scheduler.state_dict(), "position": vars(pos).copy()},
-                        cfg.to_dict(), cfg.run.keep_last)
-    barrier(info)
-
-
 # observability
 
-def _observers(cfg: IDARConfig, info: DistInfo, out_dir: Path, step: int, desc: str = "idar"):
-    if not info.is_main:
-        return None, None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    writer = bar = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
-    except ImportError:
-        log.warning("tensorboard not installed (pip install '.[train]'); scalars are not logged")
-    if cfg.run.progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.run.max_steps, initial=step, desc=desc, dynamic_ncols=True)
-        except ImportError:
-            pass
-    return writer, bar
-
-
-def _log(writer, bar, metrics: dict[str, Tensor], step: int, cfg: IDARConfig, info: DistInfo) -> None:
+def _log(observers: Observers, metrics: dict[str, Tensor], step: int, info: DistInfo) -> None:
+    """Means over ranks to the progress bar and TensorBoard (per-subject Dice and per-expert load as one scalar each)."""
     scalars = {k: all_mean(v, info) for k, v in metrics.items()}
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(scalars['total']):.4f}")
-    if writer is None or not cfg.run.log_every or step % cfg.run.log_every:
-        return
+    observers.progress(loss=f"{float(scalars['total']):.4f}")
+    flat = {}
     for key, value in scalars.items():
         if value.ndim == 0:
-            writer.add_scalar(f"train/{key}", float(value), step)
+            flat[f"train/{key}"] = value
         else:
-            for i, item in enumerate(value.tolist()):
-                name = "dice/subject" if key == "dice" else f"{key}/expert"
-                writer.add_scalar(f"{name}_{i}", item, step)
+            name = "dice/subject" if key == "dice" else f"{key}/expert"
+            flat |= {f"{name}_{i}": item for i, item in enumerate(value.tolist())}
+    observers.scalars(flat, step)
 
 
-# export
-
-def export_weights(backend, cfg: IDARConfig, path: str | Path, write: bool = True) -> Path:
-    """Write the trained adapters in THE MultiCrafter format (``attention/weights.py``) with the resolved config in
-    its metadata; the MultiCrafter loader node reads this file. Under FSDP every rank calls this (the adapters are
-    gathered); only ``write`` ranks write."""
-    from ..attention.moe_lora import MoELoRAConfig
-
-    full = full_trainable_state(backend.trainable_parameters())
-    if not write:
-        return Path(path)
-
-    prefixes = {id(m): n for n, m in backend.named_modules()}
-
-    def tensor(module, attr: str) -> Tensor:
-        return full[f"{prefixes[id(module)]}.{attr}"].float()
-
-    lora = {p: LoRAPair(tensor(m, "lora_A"), m.exported_B(tensor(m, "lora_B"))) for p, m in backend.loras.items()}
-    lora_config = WeightsLoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha or float(cfg.lora.rank),
-                                    targets=tuple(lora)) if lora else WeightsLoRAConfig(targets=())
-    moe_config = backend.moe_config or MoELoRAConfig(targets=())
-    moe = {p: MoEExperts(*(tensor(m, a) for a in ("router", "lora_A", "lora_B"))) for p, m in backend.moes.items()}
-    weights = MultiCrafterWeights(moe_config, moe, lora_config, lora, train_config=cfg.to_dict())
-    check_against_model(weights, module_features(backend.flux, weights), "the trained model")  # as the loader does
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_multicrafter_weights(weights, tmp)
-    tmp.replace(path)
-    return path
-
-
-def export_checkpoint(cfg: IDARConfig, checkpoint: str | Path, out: str | Path) -> Path:
-    """Export the adapters of a checkpoint folder (e.g. after an interrupted run)."""
-    backend = build_backend(cfg, torch.device("cpu"))
-    state = load_checkpoint(checkpoint, cfg.to_dict())
-    load_trainable(backend, state["trainable"], checkpoint)
-    return export_weights(backend, cfg, out)
-
-
-def load_trainable(backend, trainable: dict[str, Tensor], source) -> None:
-    named = backend.trainable_parameters()
-    names = {n for n, _ in named}
-    if names != set(trainable):
-        raise ValueError(f"checkpoint {source} holds other adapter parameters than this config builds "
-                         f"(missing {sorted(names - set(trainable))[:4]}, extra {sorted(set(trainable) - names)[:4]})")
-    load_trainable_state(named, trainable)
-
+# evaluation
 
 @torch.no_grad()
 def evaluate_dice(backend, cache: LatentCache, cfg: IDARConfig, ids: list[int] | None = None,
@@ -448,11 +297,3 @@ def evaluate_dice(backend, cache: LatentCache, cfg: IDARConfig, ids: list[int] |
             _, dice = idar_loss(maps, batch.masks, cfg.loss.dice_eps)
             scores.append(dice.mean())
     return float(torch.stack(scores).mean())
-
-
-def load_run(cfg: IDARConfig, checkpoint: str | Path | None = None, device: str = "cpu"):
-    """A backend with the adapters of ``checkpoint`` (default: the run's latest), for evaluation or export."""
-    backend = build_backend(cfg, torch.device(device))
-    path = Path(checkpoint) if checkpoint else list_checkpoints(cfg.run.out_dir)[-1]
-    load_trainable(backend, load_checkpoint(path, cfg.to_dict())["trainable"], path)
-    return backend

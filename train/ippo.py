@@ -196,7 +196,7 @@ GradientSync = Callable[[list[nn.Parameter]], None]
 def check_minibatches(group_size: int, minibatches: int) -> None:
     """Refuse more mini-batches than images per prompt group (every mini-batch takes part of every group)."""
     if not 1 <= minibatches <= group_size:
-        raise ValueError(f"gspo.minibatches = {minibatches} needs 1 <= minibatches <= sampler.group_size "
+        raise ValueError(f"gspo.minibatches = {minibatches} needs 1 <= minibatches <= sampler.rollout.group_size "
                          f"({group_size}): each mini-batch takes a share of every prompt group; lower gspo.minibatches")
 
 

@@ -6,13 +6,23 @@ are a table, ``[reward.weights]``, overridable as ``--reward.weights.multi_id=0.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .config import DataConfig, LoRAConfig, ModelConfig, MoEConfig, OptimConfig, RunConfig, load_config, to_dict
+from .config import (
+    DataConfig,
+    LoRAConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    RunConfig,
+    check_trainer,
+    load_config,
+    to_dict,
+)
 from .gspo import GSPOConfig
+from .ippo import RolloutConfig
 from .rewards import RewardConfig
 from .sde import WindowSchedule
 
@@ -24,49 +34,32 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Rollouts (multicrafter.md §5.1)."""
+    """Rollouts (multicrafter.md §5.1): ``[sampler.window]`` is MixGRPO's sliding window over the K denoising steps
+    (``sde.WindowSchedule``), ``[sampler.rollout]`` the prompt groups' sampling (``ippo.RolloutConfig``)."""
 
-    num_steps: int = 16  # K denoising steps per rollout (paper: 16)
-    window_size: int = 2  # SDE steps that are optimized, w (paper: 2)
-    shift_interval: int = 50  # iterations before the window moves, tau (paper: 50)
-    stride: int = 1  # steps the window moves each time (paper: 1)
-    roll_back: bool = False  # restart the window at step 0 after the last position (off: stay at the end)
-    noise_level: float = 0.7  # SDE noise level a inside the window (Flow-GRPO default)
-    group_size: int = 12  # G images per prompt (MixGRPO FLUX: 12); advantages are normalized within a group
+    # flat keys of earlier versions -> their place now
+    LEGACY_KEYS: ClassVar[dict[str, str]] = {
+        "num_steps": "window.num_steps", "window_size": "window.size", "shift_interval": "window.shift_interval",
+        "stride": "window.stride", "roll_back": "window.roll_back", "group_size": "rollout.group_size",
+        "noise_level": "rollout.noise_level", "same_noise_per_group": "rollout.same_noise_per_group"}
+
+    window: WindowSchedule = field(default_factory=WindowSchedule)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     groups_per_rank: int = 1  # prompt groups each generating rank samples per iteration
-    same_noise_per_group: bool = False  # every image of a group starts from the same noise (init_same_noise)
     guidance: float = 3.5  # FLUX guidance during rollouts and updates (MixGRPO: 3.5)
     time_shift: bool = True  # the resolution-dependent Flux time shift of inference (off: linear sigmas)
 
     def __post_init__(self) -> None:
-        self.window()  # validates steps / window
-        if self.group_size < 2:
-            raise ValueError(
-                f"sampler.group_size must be >= 2: advantages are normalized within a prompt group and are "
-                f"undefined for a group of {self.group_size}"
-            )
         if self.groups_per_rank < 1:
             raise ValueError(f"sampler.groups_per_rank must be >= 1, got {self.groups_per_rank}")
-        if not self.noise_level > 0:
-            raise ValueError(f"sampler.noise_level must be > 0 (the SDE window needs noise), got {self.noise_level}")
-
-    def window(self) -> WindowSchedule:
-        return WindowSchedule(self.num_steps, self.window_size, self.shift_interval, self.stride, self.roll_back)
 
 
 @dataclass(frozen=True)
 class IPPOOptimConfig(OptimConfig):
     warmup_steps: int = 10  # linear warmup from 0 (spec §5.3: 10)
     micro_batch: int = 4  # trajectories per backward pass in the update (memory knob; the step covers the batch)
-
-    def __post_init__(self) -> None:
-        # lr = 0 is allowed here: a frozen-policy run is the baseline that shows what the rewards do without learning
-        if self.lr < 0:
-            raise ValueError(f"optim.lr must be >= 0 (0 = frozen policy), got {self.lr}")
-        if self.lr > 0:
-            super().__post_init__()
-        else:
-            dataclasses.replace(self, lr=1.0)  # every other field checked as usual
+    # lr = 0 is allowed here: a frozen-policy run is the baseline that shows what the rewards do without learning
+    min_lr: ClassVar[float] = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +84,7 @@ class IPPOMoEConfig(MoEConfig):
 
 @dataclass(frozen=True)
 class IPPOConfig:
+    trainer: str = "ippo"  # which trainer this config is for (`train export`, `data cache` read it)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)  # the RL prompt set: a manifest + its `data cache`
     init: InitConfig = field(default_factory=InitConfig)
@@ -101,6 +95,9 @@ class IPPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: IPPOOptimConfig = field(default_factory=IPPOOptimConfig)
     run: IPPORunConfig = field(default_factory=IPPORunConfig)
+
+    def __post_init__(self) -> None:
+        check_trainer(self.trainer, "ippo")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

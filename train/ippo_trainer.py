@@ -14,42 +14,42 @@ last N ranks hold the reward models and only score (``reward_ranks.py``); the ot
 from __future__ import annotations
 
 import logging
-import signal
+import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..attention.families import FLUX
+from .backend import build_backend, export_weights
 from .cache import LatentCache, TinyEncoder, file_hash
-from .checkpoint import RESUMABLE_KEYS, load_checkpoint, set_rng_state
+from .checkpoint import RESUMABLE_KEYS, load_checkpoint
 from .data import epoch_batches, rank_slice, read_manifest
-from .distributed import (
-    DistInfo,
-    any_rank,
-    average_gradients,
-    barrier,
-    load_optimizer_state,
-    setup_distributed,
-    teardown_distributed,
-)
-
-# the IDAR trainer's run bookkeeping is shared: data position, checkpoint choice and saving, TensorBoard + tqdm
-from .idar import Position, _observers, _resume_path, _save, export_weights, load_trainable, lr_factor, sample_generator
-from .ippo import IterationResult, PromptGroup, RolloutConfig, ippo_iteration
+from .distributed import DistInfo, any_rank, average_gradients, barrier, setup_distributed, teardown_distributed
+from .ippo import IterationResult, PromptGroup, ippo_iteration
 from .ippo_config import IPPOConfig
 from .ippo_flux import FluxPolicy, TinyDecoder, load_prompt_groups, load_stage1_weights
 from .reward_ranks import RemoteScorer, Roles, serve_rewards
-from .rewards import build_rewards, check_reward_config, load_plugins
+from .rewards import REWARD_RESUMABLE_KEYS, build_rewards, check_reward_config, load_plugins
 from .rollout_preview import render_rollout_grid
+from .run import (
+    Observers,
+    Position,
+    SigtermGuard,
+    optimizer_and_schedule,
+    prepare_checkpoints,
+    restore,
+    resume_path,
+    sample_generator,
+    save,
+)
 from .sde import sigma_schedule
 
 EXPORT_NAME = "multicrafter_ippo.safetensors"
 # config keys that may change when resuming: the IDAR ones, plus where the reward models are and who runs them, and
 # the stage-1 file (the checkpoint's adapters replace it anyway)
-RESUMABLE = RESUMABLE_KEYS + ("reward.clip_dir", "reward.hps_checkpoint", "reward.insightface_root",
-                              "reward.object_model_dir", "reward.detector_dir",
-                              "reward.segmenter_dir", "reward.device", "reward.ranks", "init.weights")
+RESUMABLE = RESUMABLE_KEYS + REWARD_RESUMABLE_KEYS + ("reward.device", "reward.ranks", "init.weights")
 log = logging.getLogger("multisubject.train")
 
 
@@ -58,9 +58,7 @@ log = logging.getLogger("multisubject.train")
 
 def build_policy(cfg: IPPOConfig, device: torch.device) -> FluxPolicy:
     """Flux + attention LoRA + MoE-LoRA (from the stage-1 weights when given) and a latent decoder."""
-    from .idar import build_backend
-
-    backend = build_backend(cfg, device)
+    backend = build_backend(cfg.model, cfg.lora, cfg.moe, cfg.run, device)
     if cfg.init.weights:
         load_stage1_weights(backend, cfg.init.weights)
     if cfg.model.tiny:
@@ -113,10 +111,11 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
     buckets = prompt_buckets(prompts)
     # the generating ranks: all of them, or all but the last reward.ranks, with their own process group
     group = dist.new_group(list(roles.generators)) if cfg.reward.ranks else None
+    resume = resume_path(cfg.run)
+    prepare_checkpoints(cfg.run, resume, world)  # every rank, scorers included, waits for the tidy-up
     if world.rank in roles.scorers:
-        start = _resume_path(cfg, out_dir)
-        start_step = load_checkpoint(start, cfg.to_dict(), RESUMABLE)["position"]["step"] if start is not None else 0
-        serve_rewards(rewards, prompts, cfg.sampler.group_size, cfg.sampler.groups_per_rank, roles, world,
+        start_step = load_checkpoint(resume, cfg.to_dict(), RESUMABLE)["position"]["step"] if resume is not None else 0
+        serve_rewards(rewards, prompts, cfg.sampler.rollout.group_size, cfg.sampler.groups_per_rank, roles, world,
                       start_step, cfg.run.save_every)
         return out_dir / EXPORT_NAME
     info = DistInfo(roles.generators.index(world.rank), len(roles.generators), world.local_rank, world.device)
@@ -128,32 +127,21 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
     torch.manual_seed(cfg.run.seed)
     policy = build_policy(cfg, info.device)
     params = [p for _, p in policy.backend.trainable_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = optimizer_and_schedule(params, cfg.optim, cfg.run.max_steps)
+    config = cfg.to_dict()
     pos = Position()
-    resume = _resume_path(cfg, out_dir)
     if resume is not None:
-        state = load_checkpoint(resume, cfg.to_dict(), RESUMABLE)
-        load_trainable(policy.backend, state["trainable"], resume)
-        load_optimizer_state(policy.backend, optimizer, state["optimizer"], sharded=False)
-        scheduler.load_state_dict(state["scheduler"])
-        pos = Position(**state["position"])
-        set_rng_state(state["rng"])
+        pos = restore(resume, config, RESUMABLE, policy.backend, optimizer, scheduler)
         if info.is_main:
             log.info("resumed from %s at iteration %d", resume, pos.step)
 
-    rollout_cfg = RolloutConfig(cfg.sampler.group_size, cfg.sampler.noise_level, cfg.sampler.same_noise_per_group)
-    window = cfg.sampler.window()
-    stop = {"sigterm": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    writer, bar = _observers(cfg, info, out_dir, pos.step, desc="ippo")
     remote = None
     if cfg.reward.ranks:
-        remote = RemoteScorer(roles.scorer_of(world.rank), sorted(weights), cfg.sampler.group_size, world.device)
+        remote = RemoteScorer(roles.scorer_of(world.rank), sorted(weights), cfg.sampler.rollout.group_size, world.device)
     epoch: tuple[int, list[list[int]]] = (-1, [])
     saved_step = pos.step if resume is not None else -1
-    try:
-        while pos.step < cfg.run.max_steps and not stop["sigterm"]:
+    with SigtermGuard() as sigterm, Observers(config, cfg.run, info, pos.step, "ippo") as observers:
+        while pos.step < cfg.run.max_steps and not sigterm.requested:
             if epoch[0] != pos.epoch:
                 epoch = (pos.epoch, epoch_batches(buckets, global_groups, cfg.run.seed, pos.epoch))
             if pos.batch >= len(epoch[1]):
@@ -164,8 +152,8 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
             mine = [prompts[i] for i in indices]
             sigmas = _sigmas(cfg, mine[0])
             result = ippo_iteration(
-                policy, params, optimizer, mine, rewards, weights, rollout_cfg, cfg.gspo, sigmas,
-                window.steps(pos.step), [sample_generator(cfg.run.seed, pos.step, k) for k in slots],
+                policy, params, optimizer, mine, rewards, weights, cfg.sampler.rollout, cfg.gspo, sigmas,
+                cfg.sampler.window.steps(pos.step), [sample_generator(cfg.run.seed, pos.step, k) for k in slots],
                 cfg.optim.micro_batch, cfg.optim.grad_clip, info.device,
                 sync_gradients=lambda ps: average_gradients(ps, info, group),
                 any_rank=lambda flag: any_rank(flag, info, group),
@@ -173,35 +161,31 @@ def _train(cfg: IPPOConfig, world: DistInfo) -> Path:
             )
             scheduler.step()
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
-            _log(writer, bar, result, scheduler.get_last_lr()[0], pos.step, cfg, info, group)
-            stop["sigterm"] = any_rank(stop["sigterm"], info, group)  # every generator stops after the same iteration
-            if cfg.run.sample_every and pos.step % cfg.run.sample_every == 0 and info.is_main:
-                _preview(result, mine, cfg, out_dir / "samples" / f"iter_{pos.step:08d}.png")
+            _log(observers, result, scheduler.get_last_lr()[0], pos.step, info, group)
+            sigterm.requested = any_rank(sigterm.requested, info, group)  # every generator stops after the same iteration
+            preview = observers.preview_path(pos.step, "iter")
+            if preview is not None:
+                _preview(result, mine, cfg, preview)
             if cfg.run.save_every and pos.step % cfg.run.save_every == 0:
-                _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, world)  # world: scorers join barriers
+                save(policy.backend, optimizer, scheduler, pos, config, cfg.run, world)  # world: scorers join barriers
                 saved_step = pos.step
         final_save = saved_step != pos.step
         if remote is not None:
             remote.finish(final_save)
         if final_save:
-            _save(policy.backend, optimizer, scheduler, pos, cfg, out_dir, world)
-        export = out_dir / EXPORT_NAME
-        if info.is_main and not stop["sigterm"]:
-            export_weights(policy.backend, cfg, export)
-        barrier(world)
-        return export
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
+            save(policy.backend, optimizer, scheduler, pos, config, cfg.run, world)
+        stopped = sigterm.requested
+    export = out_dir / EXPORT_NAME
+    if info.is_main and not stopped:
+        export_weights(policy.backend, config, export)
+    barrier(world)
+    return export
 
 
 def _sigmas(cfg: IPPOConfig, group: PromptGroup) -> Tensor:
     _, h, w = group.conditioning.latent_shape
-    tokens = ((h + 1) // 2) * ((w + 1) // 2)  # Flux 2x2 patches
-    return sigma_schedule(cfg.sampler.num_steps, image_seq_len=tokens if cfg.sampler.time_shift else None)
+    tokens = math.prod(FLUX.token_grid(h, w))
+    return sigma_schedule(cfg.sampler.window.num_steps, image_seq_len=tokens if cfg.sampler.time_shift else None)
 
 
 class _Submit:
@@ -234,26 +218,19 @@ def iteration_metrics(result: IterationResult, lr: float) -> dict[str, Tensor]:
     return {k: v.detach().float().cpu() for k, v in metrics.items()}
 
 
-def _log(writer, bar, result: IterationResult, lr: float, step: int, cfg: IPPOConfig, info: DistInfo,
-         group=None) -> None:
+def _log(observers: Observers, result: IterationResult, lr: float, step: int, info: DistInfo, group=None) -> None:
     metrics = iteration_metrics(result, lr)
     if info.world_size > 1:  # every rank has the same keys: the same rewards, and the update is skipped on all or none
         keys = sorted(metrics)
         values = torch.stack([metrics[k] for k in keys]).to(info.device)
         dist.all_reduce(values, group=group)
         metrics = dict(zip(keys, (values / info.world_size).cpu()))
-    if bar is not None:
-        bar.update(1)
-        shown = {k.split("/")[1]: f"{float(v):.3f}" for k, v in metrics.items() if k.startswith("reward/")}
-        bar.set_postfix(shown)
-    if writer is None or not cfg.run.log_every or step % cfg.run.log_every:
-        return
-    for key, value in metrics.items():
-        writer.add_scalar(key, float(value), step)
+    observers.progress(**{k.split("/")[1]: f"{float(v):.3f}" for k, v in metrics.items() if k.startswith("reward/")})
+    observers.scalars(metrics, step)
 
 
 def _preview(result: IterationResult, groups: list[PromptGroup], cfg: IPPOConfig, path: Path) -> None:
-    grid = render_rollout_grid(result.images, result.rewards.scores, result.advantages, cfg.sampler.group_size,
+    grid = render_rollout_grid(result.images, result.rewards.scores, result.advantages, cfg.sampler.rollout.group_size,
                                [g.prompt for g in groups])
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

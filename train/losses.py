@@ -6,7 +6,6 @@ Spec: shared/docs/multicrafter.md §3 (IDAR), §4.2 (balancing). One layer's Swi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -15,8 +14,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..attention.attention_maps import DIRECTIONS, normalize_maps, reference_attention_maps
+from ..attention.families import FLUX, TokenLayout
 from ..attention.moe_lora import load_balancing_loss
-from ..attention.reference_attention import TokenLayout
 
 
 def flow_loss(v_pred: Tensor, noise: Tensor, x0: Tensor) -> Tensor:
@@ -36,7 +35,7 @@ def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
 
 def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator, shift: bool = True) -> Tensor:
     """t in (0, 1): uniform, then FLUX's resolution-dependent shift ``t' = e^mu / (e^mu + 1/t - 1)`` with
-    ``mu = lin(image_tokens; (256, 0.5), (4096, 1.15))`` (UNO train.py, §8.1).
+    ``mu = lin(image_tokens; (256, 0.5), (4096, 1.15))`` (UNO train.py, §8.1; ``FLUX.time_shift``).
 
     Shapes:
         returns (batch,) float32
@@ -44,8 +43,7 @@ def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator, 
     t = torch.rand(batch, generator=generator).clamp(1e-4, 1 - 1e-4)
     if not shift:
         return t
-    mu = 0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256)
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    return FLUX.time_shift.shift(t, image_tokens)
 
 
 def supervised_maps(q: Tensor, k: Tensor, layout: TokenLayout, use_checkpoint: bool = False,

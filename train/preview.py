@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..attention.attention_maps import normalize_maps
+from ..attention.families import FLUX
 from .cache import LatentCache
 from .config import IDARConfig
 
@@ -32,9 +33,9 @@ def write_preview(backend, cache: LatentCache, index: int, cfg: IDARConfig, bloc
         v, maps = backend(inputs, idar_blocks=blocks, idar_direction=cfg.loss.idar_direction)
         x = x + (next_sigma - sigma) * v  # Euler step of the flow ODE
     image = latent_to_rgb(x[0])  # (3, h, w)
-    grid_h, grid_w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+    grid_h, grid_w = FLUX.token_grid(*x.shape[-2:])
     heat = normalize_maps(torch.stack(maps).mean(0))[0].view(-1, 1, grid_h, grid_w).cpu()  # (S, 1, gh, gw)
-    size = (image.shape[-2] * 8, image.shape[-1] * 8)
+    size = (image.shape[-2] * FLUX.vae_downscale, image.shape[-1] * FLUX.vae_downscale)
     tiles = [F.interpolate(image[None], size=size, mode="bilinear")[0]]
     tiles += [F.interpolate(h[None], size=size, mode="nearest")[0].expand(3, -1, -1) * torch.tensor([1.0, 0.5, 0.1])[:, None, None]
               for h in heat]

@@ -23,7 +23,6 @@ from torch import Tensor
 from ..attention.layout import Layout
 from ..attention.subjects import Subjects
 
-BUILTIN_REWARDS = ("multi_id", "clip_text", "hpsv2")
 REFERENCE_CACHE_SIZE = 4096  # prompt groups whose embedded references the multi_id reward keeps
 
 
@@ -131,37 +130,11 @@ def check_reward_config(config: RewardConfig, extra: Mapping[str, Reward] | None
         if name in (extra or {}):
             continue
         try:
-            _check_builtin_paths(config, name)
+            BUILTIN_REWARDS[name].check_paths(config)
         except ValueError as e:  # gather every unset path; a missing file (FileNotFoundError) stops at once
             problems.append(str(e))
     if problems:
         raise ValueError("; ".join(problems))
-
-
-def _check_builtin_paths(config: RewardConfig, name: str) -> None:
-    if name == "clip_text":
-        _require_path(config.clip_dir, name, "clip_dir", "a local HF CLIP folder (config.json, model weights, "
-                      "preprocessor_config.json, tokenizer files)", is_dir=True)
-    elif name == "hpsv2":
-        _require_path(config.hps_checkpoint, name, "hps_checkpoint", "the file HPS_v2.1_compressed.pt", is_dir=False)
-    elif name == "multi_id":
-        if not config.insightface_root and not config.object_model_dir:
-            raise ValueError(
-                "reward 'multi_id' has a positive weight but neither `insightface_root` (faces) nor "
-                "`object_model_dir` (objects, DINOv2) is set; set one or both, or set the weight of 'multi_id' to 0"
-            )
-        if config.insightface_root:
-            _require_path(config.insightface_root, name, "insightface_root",
-                          f"a folder holding models/{config.face_pack}/*.onnx", is_dir=True)
-        if config.object_model_dir:
-            _require_path(config.object_model_dir, name, "object_model_dir", "a local HF DINOv2 folder", is_dir=True)
-        if config.detector_dir:
-            _require_path(config.detector_dir, name, "detector_dir", "a local HF OWLv2 folder", is_dir=True)
-        if config.segmenter_dir:
-            _require_path(config.segmenter_dir, name, "segmenter_dir", "a local HF SAM folder", is_dir=True)
-            if not config.detector_dir:
-                raise ValueError("reward 'multi_id': segmenter_dir masks the objects detector_dir locates; set "
-                                 "detector_dir too, or leave segmenter_dir empty")
 
 
 def build_rewards(config: RewardConfig, extra: Mapping[str, Reward] | None = None) -> dict[str, Reward]:
@@ -169,10 +142,9 @@ def build_rewards(config: RewardConfig, extra: Mapping[str, Reward] | None = Non
     extra = {**load_plugins(config.plugins), **(extra or {})}
     check_reward_config(config, extra)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    builders = {"multi_id": _multi_id_reward, "clip_text": _clip_text_reward, "hpsv2": _hpsv2_reward}
     rewards: dict[str, Reward] = {}
     for name in config.active():
-        rewards[name] = extra[name] if extra and name in extra else builders[name](config, device)
+        rewards[name] = extra[name] if extra and name in extra else BUILTIN_REWARDS[name].build(config, device)
     return rewards
 
 
@@ -246,6 +218,55 @@ def _hpsv2_reward(config: RewardConfig, device: str) -> Reward:
         return hps(list(inputs.images), list(inputs.prompts))
 
     return hpsv2
+
+
+def _clip_text_paths(config: RewardConfig) -> None:
+    _require_path(config.clip_dir, "clip_text", "clip_dir", "a local HF CLIP folder (config.json, model weights, "
+                  "preprocessor_config.json, tokenizer files)", is_dir=True)
+
+
+def _hpsv2_paths(config: RewardConfig) -> None:
+    _require_path(config.hps_checkpoint, "hpsv2", "hps_checkpoint", "the file HPS_v2.1_compressed.pt", is_dir=False)
+
+
+def _multi_id_paths(config: RewardConfig) -> None:
+    if not config.insightface_root and not config.object_model_dir:
+        raise ValueError(
+            "reward 'multi_id' has a positive weight but neither `insightface_root` (faces) nor "
+            "`object_model_dir` (objects, DINOv2) is set; set one or both, or set the weight of 'multi_id' to 0"
+        )
+    if config.insightface_root:
+        _require_path(config.insightface_root, "multi_id", "insightface_root",
+                      f"a folder holding models/{config.face_pack}/*.onnx", is_dir=True)
+    if config.object_model_dir:
+        _require_path(config.object_model_dir, "multi_id", "object_model_dir", "a local HF DINOv2 folder", is_dir=True)
+    if config.detector_dir:
+        _require_path(config.detector_dir, "multi_id", "detector_dir", "a local HF OWLv2 folder", is_dir=True)
+    if config.segmenter_dir:
+        _require_path(config.segmenter_dir, "multi_id", "segmenter_dir", "a local HF SAM folder", is_dir=True)
+        if not config.detector_dir:
+            raise ValueError("reward 'multi_id': segmenter_dir masks the objects detector_dir locates; set "
+                             "detector_dir too, or leave segmenter_dir empty")
+
+
+@dataclass(frozen=True)
+class BuiltinReward:
+    """A reward the pack ships: how to build it, how to check its files before anything loads, and which of its
+    config keys may change when a run resumes (where its model files are)."""
+
+    build: Callable[[RewardConfig, str], Reward]  # (config, device) -> reward
+    check_paths: Callable[[RewardConfig], None]  # raises ValueError (unset) / FileNotFoundError (missing)
+    resumable: tuple[str, ...]
+
+
+# the built-in rewards: adding one is one entry here (plugins need none: `reward.plugins`)
+BUILTIN_REWARDS: Mapping[str, BuiltinReward] = MappingProxyType({
+    "multi_id": BuiltinReward(_multi_id_reward, _multi_id_paths, ("reward.insightface_root", "reward.object_model_dir",
+                                                              "reward.detector_dir", "reward.segmenter_dir")),
+    "clip_text": BuiltinReward(_clip_text_reward, _clip_text_paths, ("reward.clip_dir",)),
+    "hpsv2": BuiltinReward(_hpsv2_reward, _hpsv2_paths, ("reward.hps_checkpoint",)),
+})
+REWARD_RESUMABLE_KEYS = tuple(key for reward in BUILTIN_REWARDS.values() for key in reward.resumable)
 
 
 # computing

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..attention.families import FLUX
+
 # (x (B, C, h, w), sigma (B,)) -> v (B, C, h, w); the policy with its conditions (text, references) bound.
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -23,14 +25,6 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 # schedule
-
-
-def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """Resolution-dependent shift of Flux inference: linear in the image token count, 256 -> 0.5, 4096 -> 1.15."""
-    if image_seq_len <= 0:
-        raise ValueError(f"image_seq_len must be a positive token count, got {image_seq_len}")
-    slope = (max_shift - base_shift) / (4096 - 256)
-    return base_shift + slope * (image_seq_len - 256)
 
 
 def time_shift(mu: float, t: Tensor) -> Tensor:
@@ -48,7 +42,7 @@ def time_shift(mu: float, t: Tensor) -> Tensor:
 def sigma_schedule(num_steps: int, image_seq_len: int | None = None, mu: float | None = None) -> Tensor:
     """The K + 1 sigmas of a K-step Flux sampling run: ``linspace(1, 0, K + 1)`` time-shifted as at inference.
 
-    ``mu`` defaults to ``flux_mu(image_seq_len)`` (UNO/Flux); give neither to get the unshifted linear schedule.
+    ``mu`` defaults to ``FLUX.time_shift.mu(image_seq_len)`` (``attention.families``); give neither to get the unshifted linear schedule.
 
     Shapes:
         returns (K + 1,) float32, decreasing from 1 to 0
@@ -57,7 +51,9 @@ def sigma_schedule(num_steps: int, image_seq_len: int | None = None, mu: float |
         raise ValueError(f"a rollout needs at least 2 denoising steps, got num_steps={num_steps}")
     t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     if mu is None and image_seq_len is not None:
-        mu = flux_mu(image_seq_len)
+        if image_seq_len <= 0:
+            raise ValueError(f"image_seq_len must be a positive token count, got {image_seq_len}")
+        mu = FLUX.time_shift.mu(image_seq_len)
     return (t if mu is None else time_shift(mu, t)).float()
 
 

@@ -18,11 +18,13 @@ from run_helpers import (
     kill_after_checkpoint,
     load_weights,
     loader_node_predictions,
+    plant_legacy_checkpoint,
     subprocess_env,
 )
 
 from multisubject.__main__ import main as cli
 from multisubject.attention.weights import load_multicrafter_weights
+from multisubject.train.checkpoint import list_checkpoints
 from multisubject.train.config import LoRAConfig, ModelConfig, MoEConfig, load_config
 
 # tiny and fast: hidden 32, 1 double + 1 single block, 64 px images (4x4 tokens), 32 px references (2x2 tokens)
@@ -66,7 +68,7 @@ def test_idar_map_from_the_hook_equals_the_full_attention_matrix_of_the_same_for
     from multisubject.train.comfy_backend import FluxBackend, FluxInputs, load_flux
 
     flux = load_flux(ModelConfig(tiny=True)).model.diffusion_model
-    backend = FluxBackend(flux, LoRAConfig(rank=2), MoEConfig(rank=2))
+    backend = FluxBackend(flux, LoRAConfig(rank=2).to_core(2, 1), MoEConfig(rank=2).to_core(2))
     gen = torch.Generator().manual_seed(0)
     inputs = FluxInputs(torch.randn(2, 16, 12, 10, generator=gen), torch.tensor([0.3, 0.8]),
                         torch.randn(2, 6, 32, generator=gen), torch.randn(2, 32, generator=gen),
@@ -104,7 +106,8 @@ def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_chan
     for checkpointing in (False, True):
         flux = load_flux(ModelConfig(tiny=True)).model.diffusion_model
         torch.manual_seed(0)
-        backend = FluxBackend(flux, LoRAConfig(rank=2), MoEConfig(rank=2), grad_checkpointing=checkpointing)
+        backend = FluxBackend(flux, LoRAConfig(rank=2).to_core(2, 1), MoEConfig(rank=2).to_core(2),
+                              grad_checkpointing=checkpointing)
         gen = torch.Generator().manual_seed(1)
         inputs = FluxInputs(torch.randn(1, 16, 8, 8, generator=gen), torch.tensor([0.5]), torch.randn(1, 4, 32, generator=gen),
                             torch.randn(1, 32, generator=gen), [torch.randn(1, 16, 4, 4, generator=gen)])
@@ -123,7 +126,7 @@ def test_switch_balance_loss_reaches_the_routers_and_gradient_checkpointing_chan
 
 def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(comfy, small, tmp_path):
 
-    from multisubject.train.idar import load_run
+    from multisubject.train.backend import load_run
 
     root, config = small
     out = tmp_path / "run"
@@ -144,12 +147,15 @@ def test_cli_trains_exports_and_the_loader_node_reproduces_the_trained_model(com
 
 
 def test_uno_single_block_targets_change_only_qkv_and_round_trip_through_export_and_the_loader(comfy, small, tmp_path):
-    from multisubject.train.idar import build_backend, export_weights
+    from multisubject.train.backend import build_backend, export_weights
     from multisubject.train.ippo_flux import load_stage1_weights
+
+    def build(cfg):
+        return build_backend(cfg.model, cfg.lora, cfg.moe, cfg.run, torch.device("cpu"))
 
     _, config = small
     cfg = load_config(config, [*FAST, "--lora.linear1_qkv_only=true", f"--run.out_dir={tmp_path}"])
-    backend = build_backend(cfg, torch.device("cpu"))
+    backend = build(cfg)
     torch.manual_seed(0)
     with torch.no_grad():
         for module in backend.loras.values():
@@ -161,22 +167,22 @@ def test_uno_single_block_targets_change_only_qkv_and_round_trip_through_export_
     with torch.no_grad():
         change = linear1(x) - linear1.base(x)
     assert change[:, :3 * hidden].abs().max() > 0 and change[:, 3 * hidden:].abs().max() == 0
-    exported = export_weights(backend, cfg, tmp_path / "uno_targets.safetensors")
+    exported = export_weights(backend, cfg.to_dict(), tmp_path / "uno_targets.safetensors")
     stored = load_multicrafter_weights(exported).lora["single_blocks.0.linear1"].lora_B
     assert stored.shape == (linear1.out_features, 2) and stored[3 * hidden:].abs().max() == 0
     # the loader node (ComfyUI's stock LoRA path for the attention LoRA) gives the backend's prediction
     base, patched, mine = loader_node_predictions(comfy, exported, cfg.model, cfg.run.seed, backend)
     assert not torch.allclose(patched, base, atol=1e-4) and torch.allclose(patched, mine, atol=1e-5)
     # and IPPO's stage-1 import restores the same adapters, for a qkv-only config and for a whole-linear1 one
-    again = build_backend(cfg, torch.device("cpu"))
+    again = build(cfg)
     load_stage1_weights(again, exported)
     assert torch.equal(again.loras["single_blocks.0.linear1"].lora_B, linear1.lora_B)
-    whole = build_backend(load_config(config, [*FAST]), torch.device("cpu"))
+    whole = build(load_config(config, [*FAST]))
     load_stage1_weights(whole, exported)
     assert torch.equal(whole.loras["single_blocks.0.linear1"].lora_B, stored)
     with torch.no_grad():
         whole.loras["single_blocks.0.linear1"].lora_B.normal_()
-    full_file = export_weights(whole, load_config(config, [*FAST]), tmp_path / "whole.safetensors")
+    full_file = export_weights(whole, load_config(config, [*FAST]).to_dict(), tmp_path / "whole.safetensors")
     with pytest.raises(ValueError, match="set lora.linear1_qkv_only = false to load it"):
         load_stage1_weights(again, full_file)
 
@@ -226,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_refuses_a_cha
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
-    state = torch.load(sorted((out / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+    state = json.loads((list_checkpoints(out)[-1] / "state.json").read_text())
     assert state["step"] >= 3 and state["position"]["step"] == state["step"]  # saved at the step it stopped
     assert not (out / "multicrafter_idar.safetensors").exists()
     changed = _run(*common, "--run.max_steps=100000", "--lora.rank=3", check=False)
@@ -262,8 +268,9 @@ def test_idar_raises_attention_mask_dice_well_above_the_flow_only_run(comfy, tmp
     """200 steps on 16 synthetic samples (coloured squares/circles, 64 px, hidden 32, 1 double block, LoRA rank 4,
     no MoE, lr 1e-2, batch 4). Measured when written: Dice 0.68 with lambda = 1 vs 0.22 with lambda = 0
     (0.19 before training)."""
+    from multisubject.train.backend import load_run
     from multisubject.train.cache import LatentCache, file_hash
-    from multisubject.train.idar import evaluate_dice, load_run, train_idar
+    from multisubject.train.idar import evaluate_dice, train_idar
 
     make_dataset(tmp_path / "data", num_samples=16, size=64, ref_size=32)
     assert cli(["data", "build", str(tmp_path / "data")]) == 0
@@ -328,3 +335,75 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_the_batch(small, t
     with pytest.raises(RuntimeError, match=r"non-finite loss at step 2 \(.*'flow': nan.*\) on the batch of manifest "
                                            r"lines \[\d+, \d+\]"):
         idar.train_idar(_inprocess_cfg(config, tmp_path / "nan", "--optim.micro_batch=2", "--run.max_steps=3"))
+
+
+# no pickle, crash points
+
+
+def test_a_planted_pickle_is_never_run_by_resume_export_or_convert(small, tmp_path, capsys):
+    root, config = small
+    out, marker = tmp_path / "run", tmp_path / "payload_ran"
+    folder = out / "checkpoints" / "step_00000001"
+    plant_legacy_checkpoint(folder, marker, load_config(config, FAST).to_dict())
+    common = ["--config", str(config), *FAST, f"--run.out_dir={out}"]
+    for args, message in (
+        (["train", "idar", *common, f"--run.resume={folder}"], "old pickled format"),
+        (["train", "idar", *common], "convert them once with"),  # run.resume = auto
+        (["train", "export", *common, "--checkpoint", str(folder), "--out", str(tmp_path / "x.safetensors")],
+         "old pickled format"),
+        (["train", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "x.safetensors")], "old pickled format"),
+        (["train", "convert-checkpoint", str(out)], "nothing in it was run"),
+    ):
+        assert cli(args) == 1, args
+        err = capsys.readouterr().err
+        assert message in err, err
+    assert not marker.exists()
+
+
+def _weights_after(cfg) -> dict:
+    from multisubject.train.idar import train_idar
+
+    return load_weights(train_idar(cfg))
+
+
+def test_kills_at_the_rollback_points_resume_to_the_uninterrupted_weights(small, tmp_path, monkeypatch):
+    """A run resumed from an older checkpoint of its out_dir (a rollback) retires the newer ones; a kill (here an
+    exception at the same place) while it renames or deletes them, or while pruning, leaves only complete
+    checkpoints, and re-running the same command ends with the weights of a run never interrupted."""
+    import shutil
+
+    import multisubject.train.checkpoint as checkpoint
+
+    root, config = small
+    steps = ["--run.max_steps=6", "--run.save_every=1", "--optim.micro_batch=2"]
+    straight = _weights_after(_inprocess_cfg(config, tmp_path / "straight", *steps, "--run.keep_last=10"))
+    real_replace, real_rmtree = checkpoint.os.replace, shutil.rmtree
+
+    def kill_at(function: str, call: int):
+        calls = []
+
+        def killed(path, *args, **kwargs):
+            calls.append(path)
+            if len(calls) == call:
+                raise KeyboardInterrupt(f"killed in {function}")
+            return (real_replace if function == "replace" else real_rmtree)(path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.os if function == "replace" else checkpoint.shutil, function, killed)
+
+    cases = {"while renaming the newer checkpoints out": ("replace", 2),
+             "while deleting a renamed one": ("rmtree", 1),
+             "while pruning after the second new save": ("rmtree", 5)}
+    for name, (function, call) in cases.items():
+        out = tmp_path / function / str(call)
+        _weights_after(_inprocess_cfg(config, out, *steps, "--run.keep_last=10"))  # steps 1..6 on disk
+        rollback = _inprocess_cfg(config, out, *steps, "--run.keep_last=3",
+                                  f"--run.resume={out / 'checkpoints' / 'step_00000002'}")
+        kill_at(function, call)
+        with pytest.raises(KeyboardInterrupt):
+            _weights_after(rollback)
+        monkeypatch.undo()
+        for path in list_checkpoints(out):  # whatever is listed is complete
+            checkpoint.read_state(path)
+        assert_weights_close(straight, _weights_after(rollback), atol=0.0)  # the same command again
+        assert [p.name for p in list_checkpoints(out)] == ["step_00000004", "step_00000005", "step_00000006"], name
+        assert sorted(p.name for p in (out / "checkpoints").iterdir())[0].startswith("step_"), name  # no leftovers

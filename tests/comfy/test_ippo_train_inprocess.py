@@ -1,6 +1,7 @@
 """IPPO trainer on ComfyUI's real Flux class at tiny size: CLI end to end (previews, TensorBoard, export ->
 MoE-LoRA loader node), 2-process torchrun (gloo) vs 1 process, SIGKILL + resume, clear errors, and "it learns"."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -21,14 +22,15 @@ from run_helpers import (
 
 from multisubject.__main__ import main as cli
 from multisubject.attention.weights import load_multicrafter_weights
+from multisubject.train.checkpoint import list_checkpoints
 from multisubject.train.ippo_config import load_ippo_config
 
 TESTS = str(Path(__file__).resolve().parent.parent / "train")  # for the toy reward plugins in ippo_toy.py
 # tiny and fast: hidden 32, 1 double + 1 single block, 64 px images (4x4 tokens), 32 px references (2x2 tokens),
 # 4 denoising steps with a 2-step window, 2 prompt groups of 4 images; the toy reward is the image brightness
 FAST = ["--model.tiny=true", "--model.tiny_hidden=32", "--model.tiny_depth=1", "--data.resolution=64",
-        "--data.ref_size=32", "--moe.rank=2", "--moe.num_experts=2", "--lora.rank=2", "--sampler.num_steps=4",
-        "--sampler.group_size=4", "--sampler.groups_per_rank=2", "--reward.plugins=['brightness=ippo_toy:image_brightness']",
+        "--data.ref_size=32", "--moe.rank=2", "--moe.num_experts=2", "--lora.rank=2", "--sampler.window.num_steps=4",
+        "--sampler.rollout.group_size=4", "--sampler.groups_per_rank=2", "--reward.plugins=['brightness=ippo_toy:image_brightness']",
         "--reward.weights={'brightness': 1.0}", "--gspo.clip_range=0.05",
         "--optim.lr=0.1", "--optim.warmup_steps=0", "--optim.weight_decay=0.0", "--optim.micro_batch=8",
         "--run.precision=fp32", "--run.grad_checkpointing=false", "--run.progress=false", "--run.sample_every=0"]
@@ -69,7 +71,7 @@ def one_thread():
 
 def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(comfy, prompts, tmp_path, one_thread):
 
-    from multisubject.train.idar import load_run
+    from multisubject.train.backend import load_run
 
     out = tmp_path / "run"
     args = [*prompts, f"--run.out_dir={out}", "--run.max_steps=2", "--run.sample_every=2", "--run.log_every=1"]
@@ -77,7 +79,7 @@ def test_cli_trains_exports_and_the_moe_lora_node_reproduces_the_trained_model(c
     assert cli(["train", "ippo", *args]) == 0
     exported = out / "multicrafter_ippo.safetensors"
     weights = load_multicrafter_weights(exported)
-    assert weights.train_config["sampler"]["group_size"] == 4 and weights.train_config["reward"]["weights"] == {"brightness": 1.0}
+    assert weights.train_config["sampler"]["rollout"]["group_size"] == 4 and weights.train_config["reward"]["weights"] == {"brightness": 1.0}
     assert (out / "samples" / "iter_00000002.png").is_file()
     events = list((out / "tensorboard").iterdir())
     assert events
@@ -153,7 +155,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_iteration_and_resume_refuses_
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
-    state = torch.load(sorted((out / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+    state = json.loads((list_checkpoints(out)[-1] / "state.json").read_text())
     assert state["step"] >= 3 and state["position"]["step"] == state["step"]  # saved at the iteration it stopped
     assert not (out / "multicrafter_ippo.safetensors").exists()
     changed = _run(*common, "--run.max_steps=100000", "--gspo.clip_range=0.2", check=False)
@@ -168,7 +170,7 @@ def test_bad_inputs_stop_training_with_a_clear_message(prompts, tmp_path, capsys
     cases = [
         (["--reward.weights={'brightness': 1.0, 'pickscore': 1.0}"], "['pickscore'], which are not configured rewards"),
         (["--reward.weights={'hpsv2': 1.0}", f"--reward.hps_checkpoint={missing}"], f"{missing} does not exist"),
-        (["--sampler.group_size=1"], "undefined for a group of 1"),
+        (["--sampler.rollout.group_size=1"], "undefined for a group of 1"),
         ([f"--data.manifest={manifest}"], "line 1: 'references' is empty"),
         ([f"--init.weights={tmp_path / 'stage1.safetensors'}"], "stage1.safetensors"),
     ]
@@ -201,9 +203,9 @@ def test_it_learns_and_learning_rate_zero_does_not(prompts, tmp_path, one_thread
             curve.append(float(result.rewards.scores["brightness"].mean()))
             return result
 
-        cfg = load_ippo_config(None, [*prompts, f"--optim.lr={lr}", "--model.tiny_hidden=256", "--sampler.group_size=8",
+        cfg = load_ippo_config(None, [*prompts, f"--optim.lr={lr}", "--model.tiny_hidden=256", "--sampler.rollout.group_size=8",
                                       "--sampler.groups_per_rank=4", "--optim.micro_batch=32", "--run.max_steps=30",
-                                      "--run.save_every=0", "--sampler.shift_interval=100",
+                                      "--run.save_every=0", "--sampler.window.shift_interval=100",
                                       f"--run.out_dir={tmp_path / str(lr)}"])
         trainer.ippo_iteration = recording
         try:

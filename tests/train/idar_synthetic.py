@@ -55,7 +55,8 @@ def make_dataset(root: Path, num_samples: int = 8, size: int = 128, ref_size: in
     return root
 
 
-TINY_TOML = """
+TINY_TOML = """trainer = "idar"
+
 [model]
 tiny = true
 tiny_hidden = 64

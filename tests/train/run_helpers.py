@@ -85,3 +85,25 @@ def kill_after_checkpoint(cli_args: list[str], out_dir: Path, step: int, env: di
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+class _Planted:
+    """What a copied checkpoint folder may hold: a pickle whose loading runs code (here: makes a marker folder)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def plant_legacy_checkpoint(folder: Path, marker: Path, config: dict) -> None:
+    """A checkpoint folder of the old format whose state.pt runs code (creates ``marker``) when unpickled with
+    ``weights_only=False``."""
+    import json
+
+    import torch
+
+    folder.mkdir(parents=True)
+    torch.save({"trainable": _Planted(marker), "step": 1}, folder / "state.pt")
+    (folder / "config.json").write_text(json.dumps(config))

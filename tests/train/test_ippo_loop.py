@@ -232,7 +232,7 @@ def test_minibatches_deal_every_group_into_every_part():
 
 
 def test_more_minibatches_than_images_per_group_is_refused_before_sampling():
-    with pytest.raises(ValueError, match="gspo.minibatches = 5 needs 1 <= minibatches <= sampler.group_size"):
+    with pytest.raises(ValueError, match="gspo.minibatches = 5 needs 1 <= minibatches <= sampler.rollout.group_size"):
         ippo_iteration(ToyPolicy(seed=0), [], torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0),
                        [toy_group(0)], {}, {}, RolloutConfig(group_size=4), GSPOConfig(minibatches=5),
                        sigma_schedule(4), (0, 1), _gens(1), micro_batch=4)

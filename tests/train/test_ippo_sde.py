@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from multisubject.attention.families import FLUX
 from multisubject.train.sde import (
     WindowSchedule,
     euler_step,
-    flux_mu,
     sample_trajectory,
     sde_std,
     sde_step,
@@ -74,7 +74,7 @@ def test_schedule_matches_flux_time_shift_and_endpoints():
     sigmas = sigma_schedule(16, image_seq_len=1024)
     assert sigmas.shape == (17,) and sigmas[0] == 1.0 and sigmas[-1] == 0.0
     assert (sigmas[1:] < sigmas[:-1]).all()
-    mu = flux_mu(1024)
+    mu = FLUX.time_shift.mu(1024)
     assert mu == pytest.approx(0.5 + (1.15 - 0.5) / 3840 * 768)  # ≈ 0.63 at 512 px (spec §8.1)
     t = 0.5
     assert float(sigmas[8]) == pytest.approx(math.exp(mu) / (math.exp(mu) + (1 / t - 1)), rel=1e-6)

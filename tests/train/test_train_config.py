@@ -46,3 +46,27 @@ def test_a_real_model_needs_its_file_and_diffs_name_changed_keys(tmp_path):
     a = load_config(_toml(tmp_path, BASE)).to_dict()
     b = load_config(_toml(tmp_path, BASE), ["--lora.rank=8", "--run.max_steps=9"]).to_dict()
     assert config_diff(a, b) == ["lora.rank: 512 -> 8", "run.max_steps: 5000 -> 9"]
+
+
+@pytest.mark.parametrize("section, key, value", [("data", "max_aspect", "nan"), ("loss", "idar_weight", "inf"),
+                                                 ("optim", "lr", "nan"), ("optim", "betas", "[0.9, inf]")])
+def test_non_finite_floats_are_refused_naming_the_key(tmp_path, section, key, value):
+    path = tmp_path / "cfg.toml"
+    path.write_text(f"[model]\ntiny = true\n[{section}]\n{key} = {value}\n")
+    with pytest.raises(ValueError, match=rf"config key '{section}.{key}' must be a finite number"):
+        load_config(path)
+    if not value.startswith("["):  # the same from the command line
+        with pytest.raises(ValueError, match=rf"config key '{section}.{key}' must be a finite number, got {value}"):
+            load_config(None, ["--model.tiny=true", f"--{section}.{key}={value}"])
+
+
+def test_trainer_sections_convert_to_the_core_adapter_configs_and_reuse_their_checks():
+    cfg = load_config(None, ["--model.tiny=true", "--lora.rank=4", "--lora.double_blocks=[1]", "--moe.blocks=[0]"])
+    lora, moe = cfg.lora.to_core(2, 1), cfg.moe.to_core(2)
+    assert lora.alpha == 4.0 and lora.targets[0] == "double_blocks.1.img_attn.qkv" and lora.targets[-1] == "single_blocks.0.linear2"
+    assert moe.targets == ("double_blocks.0.img_mlp",) and moe.alpha == 128.0
+    assert load_config(None, ["--model.tiny=true", "--lora.rank=0", "--moe.enabled=false"]).lora.to_core(2, 1) is None
+    with pytest.raises(ValueError, match=r"\[moe\] invalid MoE-LoRA config: top_k must be"):
+        load_config(None, ["--model.tiny=true", "--moe.top_k=5"])
+    with pytest.raises(ValueError, match="moe.blocks \\[3\\] do not exist"):
+        load_config(None, ["--model.tiny=true", "--moe.blocks=[3]"]).moe.to_core(2)

@@ -49,14 +49,14 @@ def test_manifest_problems_are_reported_with_line_numbers_before_training(datase
     assert "line 4: not valid JSON" in text
 
 
-def test_validate_summarises_flags_overlap_and_wrong_mask_size_and_writes_a_preview(dataset, tmp_path):
+def test_validate_summarises_flags_overlap_and_writes_a_preview(dataset, tmp_path):
     folder = dataset.parent / "sample_000"
     Image.open(folder / "mask_0.png").save(folder / "mask_1.png")  # both subjects on the same pixels
-    Image.new("L", (64, 64), 255).save(dataset.parent / "sample_001" / "mask_0.png")
+    Image.new("L", (128, 128), 0).save(dataset.parent / "sample_001" / "mask_0.png")
     report = validate_dataset(dataset, resolution=128, preview=tmp_path / "p.png", min_side=64)
     assert report.num_samples == 4 and report.subjects_histogram == {2: 4}
     assert any("line 1: masks[0] and masks[1] overlap (IoU 1.00" in w for w in report.warnings)
-    assert any("line 2: masks[0] is 64x64, target is 128x128" in p for p in report.problems)
+    assert report.problems == ("line 2: masks[0] is empty (all black)",)
     preview = Image.open(tmp_path / "p.png")
     assert preview.height >= 4 * 192 and preview.width > 192
 
@@ -103,3 +103,59 @@ def test_batch_order_is_reproducible_grouped_and_split_across_ranks():
     for batch in first:
         assert len({("a" if i < 10 else "b") for i in batch}) == 1  # one group per batch
     assert rank_slice([5, 6, 7, 8], 1, 2) == [7, 8]
+
+
+# bad files: refused by validate, cache and training alike, naming the file
+
+
+def _config_args(dataset, tmp_path):
+    return [f"--data.manifest={dataset}", "--model.tiny=true", "--data.resolution=128", "--data.ref_size=64",
+            f"--run.out_dir={tmp_path / 'run'}"]
+
+
+def _refused_everywhere(dataset, tmp_path, capsys, *messages):
+    from multisubject.__main__ import main as cli
+    from multisubject.train.config import load_config
+    from multisubject.train.idar import train_idar
+
+    with pytest.raises(ValueError) as info:
+        validate_dataset(dataset, resolution=128)
+    assert all(m in str(info.value) for m in messages), str(info.value)
+    assert cli(["data", "validate", str(dataset)]) == 1
+    assert cli(["data", "cache", *_config_args(dataset, tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert all(m in err for m in messages), err
+    with pytest.raises(ValueError) as info:  # training refuses before it loads a model
+        train_idar(load_config(None, _config_args(dataset, tmp_path)))
+    assert all(m in str(info.value) for m in messages), str(info.value)
+
+
+def test_a_mask_of_another_size_than_its_target_is_refused(dataset, tmp_path, capsys):
+    Image.new("L", (64, 64), 255).save(dataset.parent / "sample_001" / "mask_0.png")
+    _refused_everywhere(dataset, tmp_path, capsys, "line 2: masks[0] is 64x64, target is 128x128",
+                        "masks must be the target's size")
+
+
+def test_an_unreadable_image_is_named(dataset, tmp_path, capsys):
+    (dataset.parent / "sample_002" / "ref_1.png").write_bytes(b"not a png at all")
+    _refused_everywhere(dataset, tmp_path, capsys, "line 3: references[1]: image file", "ref_1.png cannot be read")
+
+
+def test_a_truncated_image_stops_data_cache_naming_the_file(dataset, tmp_path, capsys):
+    from multisubject.__main__ import main as cli
+
+    target = dataset.parent / "sample_003" / "target.png"
+    target.write_bytes(target.read_bytes()[:200])  # the header is intact, the pixels are not
+    assert cli(["data", "cache", *_config_args(dataset, tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "sample_003/target.png cannot be read" in err and "replace the file" in err, err
+
+
+def test_a_manifest_that_is_not_utf8_is_named(dataset, tmp_path, capsys):
+    from multisubject.__main__ import main as cli
+
+    dataset.write_bytes(dataset.read_bytes().replace(b"a ", "\u00e9 ".encode("latin-1"), 1))
+    with pytest.raises(ValueError, match="manifest .*manifest.jsonl is not UTF-8 text .*save it as UTF-8"):
+        read_manifest(dataset)
+    assert cli(["data", "cache", *_config_args(dataset, tmp_path)]) == 1
+    assert "is not UTF-8 text" in capsys.readouterr().err
