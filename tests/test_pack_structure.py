@@ -84,7 +84,7 @@ def test_the_import_graph_has_no_cycle():
     cycles = _cycles(graph)
     assert not cycles, "\n".join(cycles)
     assert graph["train.idar"] and "train.idar" not in graph["train.ippo_trainer"]  # the walk sees real edges
-    assert "attention.families" in graph["attention.weights"] and "headless" in graph["train.comfy_backend"]
+    assert "attention.families" in graph["attention.weights"] and "comfyui_locator" in graph["train.comfy_backend"]
 
 
 def test_the_walk_finds_a_private_import_and_a_cycle(tmp_path):

@@ -65,10 +65,10 @@ def _data(args, extra: list[str]) -> int:
         print(f"preview: {preview}")
         return 1 if report.problems else 0
     from .cache import TinyEncoder, build_cache, file_hash
-    from .data import read_manifest
+    from .data import read_training_manifest
 
     cfg = load_trainer_config(args.config, extra)
-    rows = read_manifest(cfg.data.manifest)
+    rows = read_training_manifest(cfg.data.manifest)
     if cfg.model.tiny:
         encoder = TinyEncoder(cfg.model.tiny_context_dim, cfg.model.tiny_vec_dim)
     else:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..attention.families import FLUX
 from ..attention.layout import TokenGrid, mask_token_coverage
+from ..attention.pil import to_pil
 from ..attention.preview import region_colour
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -47,7 +48,7 @@ class ManifestRow:
         return len(self.references)
 
 
-def read_manifest(path: str | Path) -> list[ManifestRow]:
+def read_training_manifest(path: str | Path) -> list[ManifestRow]:
     """Parse and check a manifest. Every problem of every line is collected into one ``ValueError``
     (with line numbers), so training refuses to start on a broken dataset."""
     path = Path(path)
@@ -149,7 +150,7 @@ def validate_dataset(manifest: str | Path, resolution: int = 512, max_aspect: fl
                      min_side: int = 256, preview: str | Path | None = None, preview_rows: int = 8) -> ValidationReport:
     """Check files, sizes, mask/reference counts, mask area and pairwise overlap (IoU); optionally write a preview
     grid PNG (target with tinted masks, then the references). Manifest errors raise ``ValueError``."""
-    rows = read_manifest(manifest)
+    rows = read_training_manifest(manifest)
     buckets = make_buckets(resolution, max_aspect)
     problems, warnings, tiles = [], [], []
     subjects, bucket_counts = {}, {}
@@ -163,7 +164,7 @@ def validate_dataset(manifest: str | Path, resolution: int = 512, max_aspect: fl
         subjects[row.num_subjects] = subjects.get(row.num_subjects, 0) + 1
         masks = []
         for i, mask_path in enumerate(row.masks):
-            mask = load_mask(mask_path)  # the target's size (read_manifest checks)
+            mask = load_mask(mask_path)  # the target's size (read_training_manifest checks)
             area = float(mask.mean())
             if area == 0:
                 problems.append(f"{where}: masks[{i}] is empty (all black)")
@@ -189,7 +190,7 @@ def _preview_tile(row: ManifestRow, masks: list[Tensor], height: int = 192) -> I
     for i, mask in enumerate(masks):
         colour = torch.tensor(region_colour(i))
         image = image * (1 - 0.5 * mask[..., None]) + colour * 0.5 * mask[..., None]
-    parts = [_to_pil(image)] + [_to_pil((load_image(r).permute(1, 2, 0) + 1) / 2) for r in row.references]
+    parts = [to_pil(image)] + [to_pil((load_image(r).permute(1, 2, 0) + 1) / 2) for r in row.references]
     parts = [p.resize((max(1, round(p.width * height / p.height)), height)) for p in parts]
     tile = Image.new("RGB", (sum(p.width for p in parts) + 4 * len(parts), height), (20, 20, 20))
     x = 0
@@ -317,10 +318,6 @@ def mask_tokens(mask: Tensor, latent_h: int, latent_w: int) -> Tensor:
     """
     coverage = mask_token_coverage(mask, TokenGrid.from_latent(latent_h, latent_w, FLUX.patch))
     return (coverage >= 0.5).float().flatten()
-
-
-def _to_pil(image: Tensor) -> Image.Image:
-    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().numpy())
 
 
 # batch order

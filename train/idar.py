@@ -23,7 +23,7 @@ from .backend import build_backend, export_weights
 from .cache import LatentCache, empty_text_key, file_hash
 from .checkpoint import RESUMABLE_KEYS, checkpoint_root
 from .config import IDARConfig
-from .data import epoch_batches, rank_slice, read_manifest
+from .data import epoch_batches, rank_slice, read_training_manifest
 from .distributed import (
     DistInfo,
     all_mean,
@@ -160,7 +160,7 @@ def train_idar(cfg: IDARConfig) -> Path:
 def _train(cfg: IDARConfig, info: DistInfo) -> Path:
     out_dir = Path(cfg.run.out_dir)
     manifest = Path(cfg.data.manifest)
-    read_manifest(manifest)  # refuses to start on missing files, with line numbers
+    read_training_manifest(manifest)  # refuses to start on missing files, with line numbers
     cache = LatentCache(cfg.data.cache_dir or manifest.parent / "cache", file_hash(manifest))
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(cache.samples):
@@ -270,30 +270,3 @@ def _log(observers: Observers, metrics: dict[str, Tensor], step: int, info: Dist
             name = "dice/subject" if key == "dice" else f"{key}/expert"
             flat |= {f"{name}_{i}": item for i, item in enumerate(value.tolist())}
     observers.scalars(flat, step)
-
-
-# evaluation
-
-@torch.no_grad()
-def evaluate_dice(backend, cache: LatentCache, cfg: IDARConfig, ids: list[int] | None = None,
-                  t_values: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 1234) -> float:
-    """Mean soft Dice score (1 - Dice loss) between the IDAR attention maps and the masks, over samples ``ids``
-    (default: all) at fixed timesteps with fixed noise: how well the model's reference->image attention follows
-    the subjects' regions."""
-    device = next(p for _, p in backend.trainable_parameters()).device
-    blocks = idar_blocks(cfg, backend.num_double_blocks)
-    scores = []
-    for i in ids if ids is not None else range(len(cache.samples)):
-        batch = load_batch(cache, [i], [False], device)
-        for t_value in t_values:
-            gen = torch.Generator().manual_seed(seed + i)
-            noise = torch.randn(batch.x0.shape, generator=gen).to(device)
-            t = torch.full((1,), t_value)
-            from .comfy_backend import FluxInputs
-
-            inputs = FluxInputs(noised(batch.x0, noise, t.to(device)), t.to(device), batch.context, batch.pooled,
-                                batch.refs, cfg.model.guidance)
-            _, maps = backend(inputs, idar_blocks=blocks, idar_direction=cfg.loss.idar_direction)
-            _, dice = idar_loss(maps, batch.masks, cfg.loss.dice_eps)
-            scores.append(dice.mean())
-    return float(torch.stack(scores).mean())

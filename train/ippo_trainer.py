@@ -25,7 +25,7 @@ from ..attention.families import FLUX
 from .backend import build_backend, export_weights
 from .cache import LatentCache, TinyEncoder, file_hash
 from .checkpoint import RESUMABLE_KEYS, load_checkpoint
-from .data import epoch_batches, rank_slice, read_manifest
+from .data import epoch_batches, rank_slice, read_training_manifest
 from .distributed import DistInfo, any_rank, average_gradients, barrier, setup_distributed, teardown_distributed
 from .ippo import IterationResult, PromptGroup, ippo_iteration
 from .ippo_config import IPPOConfig
@@ -73,7 +73,7 @@ def build_policy(cfg: IPPOConfig, device: torch.device) -> FluxPolicy:
 
 def load_prompts(cfg: IPPOConfig) -> list[PromptGroup]:
     manifest = Path(cfg.data.manifest)
-    rows = read_manifest(manifest)  # refuses to start on missing files, with line numbers
+    rows = read_training_manifest(manifest)  # refuses to start on missing files, with line numbers
     cache = LatentCache(cfg.data.cache_dir or manifest.parent / "cache", file_hash(manifest))
     return load_prompt_groups(rows, cache)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..attention.attention_maps import normalize_maps
 from ..attention.families import FLUX
+from ..attention.pil import to_pil
 from .cache import LatentCache
 from .config import IDARConfig
 
@@ -41,5 +41,5 @@ def write_preview(backend, cache: LatentCache, index: int, cfg: IDARConfig, bloc
               for h in heat]
     strip = torch.cat([torch.cat([t, torch.zeros(3, size[0], 4)], dim=2) for t in tiles], dim=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((strip.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()).save(path)
+    to_pil(strip.permute(1, 2, 0)).save(path)
     return path

@@ -268,9 +268,11 @@ def test_idar_raises_attention_mask_dice_well_above_the_flow_only_run(comfy, tmp
     """200 steps on 16 synthetic samples (coloured squares/circles, 64 px, hidden 32, 1 double block, LoRA rank 4,
     no MoE, lr 1e-2, batch 4). Measured when written: Dice 0.68 with lambda = 1 vs 0.22 with lambda = 0
     (0.19 before training)."""
+    from idar_synthetic import evaluate_dice
+
     from multisubject.train.backend import load_run
     from multisubject.train.cache import LatentCache, file_hash
-    from multisubject.train.idar import evaluate_dice, train_idar
+    from multisubject.train.idar import train_idar
 
     make_dataset(tmp_path / "data", num_samples=16, size=64, ref_size=32)
     assert cli(["data", "build", str(tmp_path / "data")]) == 0

@@ -99,3 +99,32 @@ progress = false
 def write_config(path: Path, manifest: Path, out_dir: Path) -> Path:
     path.write_text(TINY_TOML.format(manifest=manifest, out_dir=out_dir))
     return path
+
+
+def evaluate_dice(backend, cache, cfg, ids: list[int] | None = None,
+                  t_values: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 1234) -> float:
+    """Test oracle. Mean soft Dice score (1 - Dice loss) between the IDAR attention maps and the masks, over samples ``ids``
+    (default: all) at fixed timesteps with fixed noise: how well the model's reference->image attention follows
+    the subjects' regions."""
+    import torch
+
+    from multisubject.train.comfy_backend import FluxInputs
+    from multisubject.train.idar import idar_blocks, load_batch
+    from multisubject.train.losses import idar_loss, noised
+
+    device = next(p for _, p in backend.trainable_parameters()).device
+    blocks = idar_blocks(cfg, backend.num_double_blocks)
+    scores = []
+    with torch.no_grad():
+        for i in ids if ids is not None else range(len(cache.samples)):
+            batch = load_batch(cache, [i], [False], device)
+            for t_value in t_values:
+                gen = torch.Generator().manual_seed(seed + i)
+                noise = torch.randn(batch.x0.shape, generator=gen).to(device)
+                t = torch.full((1,), t_value)
+                inputs = FluxInputs(noised(batch.x0, noise, t.to(device)), t.to(device), batch.context, batch.pooled,
+                                    batch.refs, cfg.model.guidance)
+                _, maps = backend(inputs, idar_blocks=blocks, idar_direction=cfg.loss.idar_direction)
+                _, dice = idar_loss(maps, batch.masks, cfg.loss.dice_eps)
+                scores.append(dice.mean())
+    return float(torch.stack(scores).mean())

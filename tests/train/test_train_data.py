@@ -16,7 +16,7 @@ from multisubject.train.data import (
     make_buckets,
     mask_tokens,
     rank_slice,
-    read_manifest,
+    read_training_manifest,
     validate_dataset,
 )
 
@@ -28,7 +28,7 @@ def dataset(tmp_path):
 
 
 def test_build_writes_one_row_per_sample_folder_with_labels(dataset):
-    rows = read_manifest(dataset)
+    rows = read_training_manifest(dataset)
     assert len(rows) == 4 and all(r.num_subjects == 2 and len(r.labels) == 2 for r in rows)
     assert rows[0].labels[0].startswith("a ") and rows[0].image.name == "target.png"
 
@@ -41,7 +41,7 @@ def test_manifest_problems_are_reported_with_line_numbers_before_training(datase
     short["masks"] = short["masks"][:1]
     dataset.write_text("\n".join([lines[0], json.dumps(broken), json.dumps(short), "{not json"]) + "\n")
     with pytest.raises(ValueError) as info:
-        read_manifest(dataset)
+        read_training_manifest(dataset)
     text = str(info.value)
     assert "3 problem(s)" in text
     assert "line 2: references[0] file 'nowhere.png' not found" in text
@@ -75,7 +75,7 @@ def test_buckets_keep_area_and_aspect_and_masks_land_on_the_token_grid():
 
 def test_cache_is_keyed_by_content_reuses_entries_and_refuses_a_stale_manifest(dataset):
     cfg = DataConfig(manifest=str(dataset), resolution=128, ref_size=64)
-    rows = read_manifest(dataset)
+    rows = read_training_manifest(dataset)
     encoder = TinyEncoder(32, 32)
     cache_dir = dataset.parent / "cache"
     added, reused = build_cache(rows, file_hash(dataset), cfg, encoder, cache_dir)
@@ -156,6 +156,6 @@ def test_a_manifest_that_is_not_utf8_is_named(dataset, tmp_path, capsys):
 
     dataset.write_bytes(dataset.read_bytes().replace(b"a ", "\u00e9 ".encode("latin-1"), 1))
     with pytest.raises(ValueError, match="manifest .*manifest.jsonl is not UTF-8 text .*save it as UTF-8"):
-        read_manifest(dataset)
+        read_training_manifest(dataset)
     assert cli(["data", "cache", *_config_args(dataset, tmp_path)]) == 1
     assert "is not UTF-8 text" in capsys.readouterr().err
