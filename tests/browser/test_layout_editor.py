@@ -182,6 +182,16 @@ def test_dragging_a_box_moves_it_snapped_and_the_api_prompt_follows(page):
     assert abs(x0 - 381) < 1.5 and abs(y0 - 118) < 1.5 and (x1 - x0, y1 - y0) == (384, 384)
 
 
+def test_dragging_works_when_the_graph_canvas_is_zoomed(page):
+    page.evaluate("(() => { const c = msTest.app().canvas; c.ds.scale = 0.7; c.setDirty(true, true); })()")
+    page.wait_for_timeout(300)  # one frame for the DOM widget to follow the zoom
+    zoom = page.evaluate("(() => { const c = msTest.ed().canvas; return c.getBoundingClientRect().width / c.clientWidth; })()")
+    assert abs(zoom - 0.7) < 0.02, zoom  # the editor is drawn at the graph's zoom
+    drag(page, (200, 300), (283, 262))  # the same drag as at zoom 1 lands on the same snapped place
+    assert boxes_px(page)[0] == ((120.0, 64.0, 504.0, 448.0), "")
+    assert prompt_boxes(page) == page.evaluate("msTest.node().widgets[0].value")
+
+
 def test_resize_add_delete_and_undo(page):
     page.mouse.click(*page.evaluate("msTest.at(650, 100)"))  # select box 2 (a click does not move it)
     assert boxes_px(page)[1] == ((345.6, 25.6, 729.6, 307.2), "")
