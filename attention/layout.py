@@ -37,6 +37,7 @@ MASK_AREA_THRESHOLD = 0.5  # fraction of a token's in-canvas area a mask must co
 MAX_REGIONS = 64  # regions per layout; every method's cost grows with the region count
 MAX_BOXES_CHARS = 65536  # box text; 64 boxes with labels and comments fit many times over
 MAX_JSON_DEPTH = 8  # nesting of JSON boxes ([{"box": [...]}] is 3 deep)
+MAX_MASK_CELLS = 1 << 28  # regions x canvas pixels of a canvas-sized mask batch (1 GiB of float32): 64 regions at 2048^2
 Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 
 
@@ -200,6 +201,17 @@ class Layout:
                 )
             regions.append(Region(mask=mask.float().clamp(0.0, 1.0), label=label))
         return cls(int(masks.shape[2]), int(masks.shape[1]), tuple(regions))
+
+
+def check_mask_batch_size(layout: Layout) -> None:
+    """Refuse to rasterize ``layout`` into one canvas-sized mask per region when that exceeds ``MAX_MASK_CELLS``."""
+    cells = len(layout) * layout.height * layout.width
+    if cells > MAX_MASK_CELLS:
+        raise ValueError(
+            f"{len(layout)} canvas-sized masks of {layout.width}x{layout.height} would take {cells * 4 / 2**30:.1f} GiB; "
+            f"at most {MAX_MASK_CELLS * 4 / 2**30:.0f} GiB (regions x width x height <= {MAX_MASK_CELLS}) are made. Use "
+            "a canvas the size you generate at, or fewer regions"
+        )
 
 
 def check_region_count(count: int) -> None:

@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..attention.checks import check_image_batch
 from ..attention.hook_keys import EDITOR_UI
-from ..attention.layout import Layout, composite_ownership, parse_boxes, region_areas
+from ..attention.layout import Layout, check_mask_batch_size, composite_ownership, parse_boxes, region_areas
 from ..attention.preview import render_layout
 from .inputs import check_inputs
 from .types import CATEGORY, LAYOUT, PREFIX, SUBJECTS, mask_batch
@@ -172,6 +172,7 @@ class LayoutToMasks(io.ComfyNode):
     def execute(cls, layout, exclusive, subjects=None) -> io.NodeOutput:
         if subjects is not None:
             layout.check_subject_count(len(subjects))
+        check_mask_batch_size(layout)
         masks = layout.rasterize()
         if exclusive:
             priorities = subjects.priorities if subjects is not None else [0] * len(layout)

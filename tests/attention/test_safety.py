@@ -253,3 +253,11 @@ def test_a_file_of_another_family_is_named_with_the_fix(tmp_path):
     save_file(adapter_state("sdxl", "plus"), str(tmp_path / "adapter.safetensors"))
     with pytest.raises(ValueError, match="adapter.safetensors is not a MultiCrafter weight file.*LoraLoader"):
         load_multicrafter_weights(tmp_path / "adapter.safetensors")
+
+
+def test_canvas_sized_mask_batches_are_bounded():
+    from multisubject.attention.layout import check_mask_batch_size
+
+    check_mask_batch_size(Layout.from_boxes(2048, 2048, [(0, 0, 1, 1)] * 64))  # the largest allowed: 1 GiB
+    with pytest.raises(ValueError, match=r"64 canvas-sized masks of 16384x16384 would take 64\.0 GiB; at most 1 GiB"):
+        check_mask_batch_size(Layout.from_boxes(16384, 16384, [(0, 0, 1, 1)] * 64))
