@@ -71,8 +71,10 @@ def loader_node_predictions(comfy_nodes, exported: Path, model_cfg, seed: int, t
     return outs[0], outs[1], mine
 
 
-def kill_after_checkpoint(cli_args: list[str], out_dir: Path, step: int, env: dict[str, str]) -> None:
-    """Start ``python -m multisubject *cli_args``, SIGKILL it once it has saved a checkpoint at ``step`` or later."""
+def stop_after_checkpoint(cli_args: list[str], out_dir: Path, step: int, env: dict[str, str],
+                          sig: str = "SIGKILL", settle: float = 0.0) -> int:
+    """Start ``python -m multisubject *cli_args``, send it ``sig`` ``settle`` seconds after it has saved a
+    checkpoint at ``step`` or later; returns its exit code."""
     import signal
     import subprocess
     import sys
@@ -83,8 +85,9 @@ def kill_after_checkpoint(cli_args: list[str], out_dir: Path, step: int, env: di
     deadline = time.time() + 120
     while not checkpoint_reached(out_dir, step) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    time.sleep(settle)
+    proc.send_signal(getattr(signal, sig))
+    return proc.wait(timeout=60)
 
 
 class _Planted:
