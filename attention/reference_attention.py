@@ -1,7 +1,6 @@
 """Apply MultiCrafter's settings (strength and one window for every subject).
 
-The binding itself is ``attention/binding.py``; ``TokenLayout`` lives in ``attention/families.py`` and is
-re-exported here for the trainers until they import it from there.
+The binding itself is ``attention/binding.py``.
 """
 
 from __future__ import annotations
@@ -10,10 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from .families import TokenLayout
-
-__all__ = ["ReferenceAttentionConfig", "TokenLayout"]
 
 
 @dataclass(frozen=True)

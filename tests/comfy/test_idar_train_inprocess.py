@@ -61,7 +61,7 @@ def small(tmp_path_factory):
 
 
 def test_idar_map_from_the_hook_equals_the_full_attention_matrix_of_the_same_forward(comfy):
-    from multisubject.attention.reference_attention import TokenLayout
+    from multisubject.attention.families import TokenLayout
     from multisubject.train.comfy_backend import FluxBackend, FluxInputs, load_flux
 
     flux = load_flux(ModelConfig(tiny=True)).model.diffusion_model

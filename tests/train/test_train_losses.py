@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from multisubject.attention.families import TokenLayout
 from multisubject.attention.moe_lora import load_balancing_loss
-from multisubject.attention.reference_attention import TokenLayout
 from multisubject.train.config import LossConfig
 from multisubject.train.losses import (
     balance_loss,
